@@ -1,0 +1,87 @@
+"""Named parameter groups, and choosing the trainable ones from YAML.
+
+Every parameter of TinyGPTV belongs to exactly one group. A stage config says, for example,
+`trainable: [projection, llm_norms, lora]`; everything else is frozen. Trainable parameters
+are kept in fp32 whatever the dtype of the frozen weights around them.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..registry import ConfigError
+
+GROUPS = ("vision", "ln_vision", "qformer", "query_tokens", "projection", "llm_norms", "lora", "llm")
+
+# Module prefix -> group, checked in order (the first match wins).
+_PREFIX_GROUPS = (
+    ("vision.", "vision"),
+    ("ln_vision.", "ln_vision"),
+    ("qformer.query_tokens", "query_tokens"),
+    ("qformer.", "qformer"),
+    ("connector.", "projection"),
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm"))
+
+
+def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
+    """group -> {parameter name: parameter}, covering every parameter exactly once."""
+    norm_params = {id(p) for m in model.llm.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    groups: dict[str, dict[str, nn.Parameter]] = {g: {} for g in GROUPS}
+    for name, param in model.named_parameters():
+        groups[_group_of(name, param, norm_params)][name] = param
+    return groups
+
+
+def _group_of(name: str, param: nn.Parameter, norm_params: set[int]) -> str:
+    for prefix, group in _PREFIX_GROUPS:
+        if name.startswith(prefix):
+            return group
+    if not name.startswith("llm."):
+        raise KeyError(f"parameter '{name}' belongs to no group; add its prefix to _PREFIX_GROUPS")
+    if ".lora_" in name:
+        return "lora"
+    return "llm_norms" if id(param) in norm_params else "llm"
+
+
+def check_trainable(trainable: list[str], key: str = "model.trainable") -> None:
+    for i, group in enumerate(trainable):
+        if group not in GROUPS:
+            raise ConfigError(f"{key}[{i}]", f"unknown parameter group '{group}'; groups: {', '.join(GROUPS)}")
+
+
+def set_trainable(model: nn.Module, trainable: list[str]) -> dict[str, dict[str, nn.Parameter]]:
+    """Unfreeze exactly the chosen groups (fp32), freeze the rest; returns the groups."""
+    check_trainable(trainable)
+    groups = parameter_groups(model)
+    for group in trainable:
+        if not groups[group]:
+            raise ConfigError("model.trainable", f"group '{group}' has no parameters in this model "
+                                                 f"(e.g. `lora` needs a `model.lora` section)")
+    for group, params in groups.items():
+        for param in params.values():
+            param.requires_grad_(group in trainable)
+            if group in trainable and param.is_floating_point():
+                param.data = param.data.float()
+    return groups
+
+
+def trainable_table(groups: dict[str, dict[str, nn.Parameter]]) -> str:
+    """A table of group, tensor count, parameter count and whether it trains."""
+    rows = [("group", "tensors", "parameters", "trainable")]
+    total = trained = 0
+    for group, params in groups.items():
+        count = sum(p.numel() for p in params.values())
+        is_trained = any(p.requires_grad for p in params.values())
+        total += count
+        trained += count if is_trained else 0
+        rows.append((group, str(len(params)), f"{count:,}", "yes" if is_trained else "no"))
+    rows.append(("total", "", f"{total:,}", f"{trained:,} ({100 * trained / max(total, 1):.2f}%)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

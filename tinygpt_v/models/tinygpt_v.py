@@ -1,0 +1,216 @@
+"""TinyGPTV: vision encoder -> ln_vision -> Q-Former -> connector -> causal LM.
+
+The text/image splice follows the original: a prompt holds the literal `<ImageHere>`; text on
+either side is tokenised without special tokens, and the image embeddings (32 with a
+Q-Former) take the marker's place. A training sequence is
+
+    [BOS] template(prompt_1) answer_1 end_sym  [BOS] template(prompt_2) answer_2 end_sym ...
+
+and only answer + end_sym tokens are targets. Training batches are right padded; generation
+batches are left padded so every prompt ends where generation starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IMAGE_MARKER = "<ImageHere>"
+IGNORE = -100
+
+
+@dataclass
+class TokenSequence:
+    """One sample as token ids; image positions hold a placeholder id and are flagged."""
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    is_image: list[bool] = field(default_factory=list)
+
+    def add_text(self, ids: list[int], is_target: bool = False) -> None:
+        self.ids += ids
+        self.labels += ids if is_target else [IGNORE] * len(ids)
+        self.is_image += [False] * len(ids)
+
+    def add_image(self, num_tokens: int, placeholder: int) -> None:
+        self.ids += [placeholder] * num_tokens
+        self.labels += [IGNORE] * num_tokens
+        self.is_image += [True] * num_tokens
+
+    def truncate(self, length: int) -> None:
+        del self.ids[length:], self.labels[length:], self.is_image[length:]
+
+
+class TinyGPTV(nn.Module):
+    def __init__(self, vision: nn.Module | None, qformer: nn.Module | None, connector: nn.Module,
+                 llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, prompt_template: str = "{}",
+                 end_sym: str = "\n", max_txt_len: int = 32, max_context_len: int = 3800):
+        super().__init__()
+        self.vision = vision
+        self.ln_vision = nn.LayerNorm(vision.num_features) if vision is not None else None
+        self.qformer = qformer
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.end_sym = end_sym
+        self.max_txt_len = max_txt_len
+        self.max_context_len = max_context_len
+        self.frozen_parts: tuple[str, ...] = ()
+
+    # --- images ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, num_image_tokens, llm hidden), in the LLM's dtype."""
+        tokens = self.ln_vision(self.vision(pixels.to(self.device)).float())
+        if self.qformer is not None:
+            tokens = self.qformer(tokens)
+        return self.connector(tokens).to(self.llm_dtype)
+
+    # --- text -> token sequences -------------------------------------------------------------
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _add_prompt(self, seq: TokenSequence, prompt: str, num_image_tokens: int) -> None:
+        before, marker, after = prompt.partition(IMAGE_MARKER)
+        seq.add_text(self._tokens(before))
+        if marker:
+            seq.add_image(num_image_tokens, self.tokenizer.pad_token_id)
+            seq.add_text(self._tokens(after))
+
+    def build_sequence(self, prompts: list[str], answers: list[str] | None, num_image_tokens: int,
+                       apply_template: bool = True, add_end_sym: bool = True) -> TokenSequence:
+        """Token sequence of one sample. `answers=None` gives a generation prompt."""
+        seq = TokenSequence()
+        for turn, prompt in enumerate(prompts):
+            seq.add_text([self.tokenizer.bos_token_id])  # every turn starts with BOS, masked
+            self._add_prompt(seq, self.prompt_template.format(prompt) if apply_template else prompt,
+                             num_image_tokens)
+            if answers is not None:
+                answer = answers[turn] + (self.end_sym if add_end_sym else "")
+                seq.add_text(self._tokens(answer)[: self.max_txt_len], is_target=True)
+        seq.truncate(self.max_context_len)
+        return seq
+
+    @staticmethod
+    def check_markers(prompts: list[list[str]], has_images: bool) -> None:
+        """Exactly one `<ImageHere>` per sample with an image, none without."""
+        expected = 1 if has_images else 0
+        for i, turns in enumerate(prompts):
+            found = sum(p.count(IMAGE_MARKER) for p in turns)
+            if found != expected:
+                raise ValueError(f"sample {i}: prompt has {found} '{IMAGE_MARKER}' markers, expected "
+                                 f"{expected} ({'with' if has_images else 'without'} an image): {turns!r}")
+
+    # --- batches -----------------------------------------------------------------------------
+
+    def _embed(self, seqs: list[TokenSequence], images: torch.Tensor | None, left_pad: bool):
+        """Pad sequences, embed tokens, and write image embeddings into their slots."""
+        length = max(len(s.ids) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        slots = torch.zeros((len(seqs), length), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            span = slice(length - len(s.ids), length) if left_pad else slice(0, len(s.ids))
+            ids[i, span], labels[i, span] = torch.tensor(s.ids), torch.tensor(s.labels)
+            mask[i, span], slots[i, span] = 1, torch.tensor(s.is_image, dtype=torch.bool)
+        ids, labels, mask, slots = (t.to(self.device) for t in (ids, labels, mask, slots))
+        embeds = self.llm.get_input_embeddings()(ids)
+        if images is not None:
+            image_embeds = self.encode_image(images)
+            for i in range(len(seqs)):  # truncation may have cut part of an image: take what fits
+                embeds[i, slots[i]] = image_embeds[i, : int(slots[i].sum())].to(embeds.dtype)
+        return embeds, mask, labels
+
+    def num_image_tokens(self, images: torch.Tensor | None) -> int:
+        if images is None:
+            return 0
+        if self.qformer is not None:
+            return self.qformer.query_tokens.shape[1]
+        return self.vision(images[:1].to(self.device)).shape[1]
+
+    def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True):
+        self.check_markers(prompts, images is not None)
+        n_image = self.num_image_tokens(images)
+        seqs = [self.build_sequence(p, a, n_image, add_end_sym=add_end_sym) for p, a in zip(prompts, answers)]
+        return self._embed(seqs, images, left_pad=False)
+
+    def forward(self, batch: dict) -> dict:
+        """Batch from the data collate: `image` (B,3,S,S) or None, `prompt` and `answer` as
+        lists of per-turn strings. Returns the mean loss over answer + end_sym tokens."""
+        embeds, mask, labels = self.prepare_training_inputs(batch.get("image"), batch["prompt"], batch["answer"])
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
+        targets = labels[:, 1:]
+        num_targets = int((targets != IGNORE).sum())
+        loss_sum = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                               ignore_index=IGNORE, reduction="sum")
+        return {"loss": loss_sum / max(num_targets, 1), "num_target_tokens": num_targets,
+                "num_tokens": int(mask.sum())}
+
+    @torch.no_grad()
+    def score_candidates(self, images: torch.Tensor | None, prompts: list[str],
+                         candidates: list[list[str]]) -> list[list[float]]:
+        """Sum of log-probabilities of each candidate answer after its prompt (no end_sym):
+        the likelihood ranking the original uses for multiple choice (IconQA)."""
+        flat_prompts = [[p] for p, cands in zip(prompts, candidates) for _ in cands]
+        flat_answers = [[c] for cands in candidates for c in cands]
+        owner = [i for i, cands in enumerate(candidates) for _ in cands]
+        flat_images = images[owner] if images is not None else None
+        embeds, mask, labels = self.prepare_training_inputs(flat_images, flat_prompts, flat_answers, add_end_sym=False)
+        logprobs = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        targets = labels[:, 1:]
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores = (picked * (targets != IGNORE)).sum(-1).tolist()
+        out, k = [], 0
+        for cands in candidates:
+            out.append(scores[k:k + len(cands)])
+            k += len(cands)
+        return out
+
+    # --- generation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor | None, prompts: list[str], max_new_tokens: int = 20,
+                 do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, apply_template: bool = True, streamer=None) -> list[str]:
+        """Answer each prompt; stops at end_sym or EOS; returns the decoded strings."""
+        self.check_markers([[p] for p in prompts], images is not None)
+        n_image = self.num_image_tokens(images)
+        seqs = [self.build_sequence([p], None, n_image, apply_template=apply_template) for p in prompts]
+        embeds, mask, _ = self._embed(seqs, images, left_pad=True)
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        out = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            num_beams=num_beams, repetition_penalty=repetition_penalty, streamer=streamer,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=[self.end_sym] if self.end_sym else None, tokenizer=self.tokenizer,
+            **sampling)
+        return [self.clean_answer(text) for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def clean_answer(self, text: str) -> str:
+        """Cut at end_sym (and the original's `Assistant:` echo), strip whitespace."""
+        if self.end_sym:
+            text = text.split(self.end_sym)[0]
+        text = text.split("Assistant:")[-1]
+        return text.strip()
+
+    # --- frozen parts stay in eval mode -------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "TinyGPTV":
+        super().train(mode)
+        for name in self.frozen_parts:  # no dropout / batch-stat updates in parts that never train
+            if getattr(self, name) is not None:
+                getattr(self, name).eval()
+        return self
