@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.phi.modeling_phi import PhiDecoderLayer
@@ -126,7 +127,6 @@ def add_post_attn_norm(llm: PreTrainedModel, eps: float) -> None:
 
 def apply_lora(llm: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str]):
     """Wrap the LLM with peft LoRA adapters; the base weights are left untouched."""
-    from peft import LoraConfig, get_peft_model
     lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                              target_modules=list(target_modules), task_type="CAUSAL_LM")
     return get_peft_model(llm, lora_config)
