@@ -189,3 +189,30 @@ def test_score_candidates_ranks_by_likelihood():
     loss = model({"image": pixels[1:], "prompt": [[IMG_PROMPT]], "answer": [["green"]]})
     torch.testing.assert_close(torch.tensor(scores[1][0]), -loss["loss"] * loss["num_target_tokens"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_near_zero_temperature_is_greedy():
+    model = build().eval()
+    pixels = torch.randn(2, 3, 112, 112)
+    prompts = ["<Img><ImageHere></Img> What colour is the circle", "<Img><ImageHere></Img> Left or right"]
+    greedy = model.generate(pixels, prompts, max_new_tokens=6)
+    torch.manual_seed(3)
+    hot = model.generate(pixels, prompts, max_new_tokens=6, do_sample=True, temperature=5.0)
+    torch.manual_seed(3)
+    assert model.generate(pixels, prompts, max_new_tokens=6, do_sample=True, temperature=5.0) == hot
+    assert hot != greedy  # at temperature 5 over a 1024-token vocabulary, sampling leaves the argmax
+    assert model.generate(pixels, prompts, max_new_tokens=6, do_sample=True, temperature=1e-4) == greedy
+
+
+def test_llm_loads_pretrained_weights_from_a_local_folder(tmp_path):
+    source = build(**{"lora": None, "trainable": ["projection"]}).llm
+    for layer in source.model.layers:  # save a stock Phi: the original's checkpoint has no post norm
+        del layer.post_layernorm
+    source.save_pretrained(tmp_path / "phi")
+    model = build(**{"llm.pretrained": str(tmp_path / "phi"), "lora": None, "trainable": ["projection"]})
+    loaded = dict(model.llm.named_parameters())
+    for name, p in source.named_parameters():
+        assert torch.equal(loaded[name], p), name
+    layer = model.llm.model.layers[0]
+    assert isinstance(layer, PhiDecoderLayerWithPostNorm)
+    assert torch.equal(layer.post_layernorm.weight, torch.ones(64))  # the new norm starts as identity
