@@ -116,3 +116,10 @@ def test_a_part_whose_name_changes_is_replaced_not_merged(tmp_path):
     assert dict(tokenizer) == {"name": "hf", "path": "microsoft/phi-2"}  # toy_bpe's vocab_size is gone
     path = tiny_with(tmp_path, "model: {tokenizer: {vocab_size: 512}}\n")
     assert dict(load_config(path).model.tokenizer) == {"name": "toy_bpe", "vocab_size": 512}
+
+
+def test_hub_ids_with_dots_are_hub_ids_but_file_names_are_paths(tmp_path):
+    from tinygpt_v.registry import looks_like_local_path
+    assert not looks_like_local_path("Salesforce/blip2-opt-2.7b")
+    assert looks_like_local_path("weights/eva_vit_g.pth") and looks_like_local_path("./phi-2")
+    assert looks_like_local_path("output/stage1/checkpoint_final")  # two slashes: a folder

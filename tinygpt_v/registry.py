@@ -203,8 +203,13 @@ def _check_scalar(value: Any, hint: Any, key: str) -> None:
         raise ConfigError(key, f"expected {hint.__name__}, got {_describe(value)}")
 
 
+# Suffixes that mark a file, not a hub id (hub ids may hold dots: Salesforce/blip2-opt-2.7b).
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".jsonl", ".yaml", ".yml",
+                 ".txt", ".tar", ".gz", ".zip")
+
+
 def looks_like_local_path(value: str) -> bool:
-    return (value.startswith(("/", "./", "../", "~")) or os.path.splitext(value)[1] != ""
+    return (value.startswith(("/", "./", "../", "~")) or value.lower().endswith(FILE_SUFFIXES)
             or value.count("/") != 1 or os.path.exists(os.path.expanduser(value)))
 
 

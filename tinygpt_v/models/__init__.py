@@ -57,6 +57,10 @@ def build_model(model_cfg, verbose: bool = True) -> TinyGPTV:
     model = TinyGPTV(vision_encoder, q_former, projection, llm, text_tokenizer,
                      **{k: cfg[k] for k in ("prompt_template", "end_sym", "max_txt_len", "max_context_len")
                         if k in cfg})
+    model.model_config = cfg  # kept for export (save_pretrained)
+    if (cfg.get("qformer") or {}).get("pretrained") and model.ln_vision is not None:
+        from ..checkpoints import load_ln_vision
+        load_ln_vision(model.ln_vision, cfg["qformer"]["pretrained"])  # BLIP-2 ships it with the Q-Former
     trainable = list(cfg.get("trainable", ["projection"]))
     groups = set_trainable(model, trainable)
     model.frozen_parts = tuple(part for part, part_groups in FROZEN_PARTS.items()

@@ -214,3 +214,16 @@ class TinyGPTV(nn.Module):
             if getattr(self, name) is not None:
                 getattr(self, name).eval()
         return self
+
+    # --- self-contained export (tinygpt_v.checkpoints.export) ---------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder, verbose: bool = False) -> "TinyGPTV":
+        """Rebuild a model written by `save_pretrained`: config.yaml + model.safetensors + tokenizer."""
+        from ..checkpoints import from_pretrained
+        return from_pretrained(folder, verbose=verbose)
+
+    def save_pretrained(self, folder, model_config=None) -> None:
+        """Export to `folder`; `model_config` defaults to the section the model was built from."""
+        from ..checkpoints import save_pretrained
+        save_pretrained(self, folder, model_config)

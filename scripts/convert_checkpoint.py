@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Convert checkpoints into TinyGPT-V's formats.
+
+  # the original's files (and LAVIS / Hugging Face BLIP-2, EVA, Phi-2) -> one safetensors of ours,
+  # checked against the model a config describes (built on the meta device: no memory, no download)
+  python scripts/convert_checkpoint.py convert TinyGPT-V_for_Stage4.pth --out stage4.safetensors \
+      --config configs/models/tinygpt_v.yaml --options model.vision.image_size=448
+
+  # report what a file holds and how it maps, writing nothing
+  python scripts/convert_checkpoint.py convert blip2_pretrained_flant5xxl.pth --dry-run
+
+  # the original's fused query_key_value Phi-2 folder -> today's transformers layout (llm.pretrained)
+  python scripts/convert_checkpoint.py phi old_phi2/ --out phi2/
+
+  # a trained model (config + its pretrained sources + model.ckpt) -> self-contained folder that
+  # TinyGPTV.from_pretrained(folder) loads with no other file
+  python scripts/convert_checkpoint.py export --config train_configs/stage4.yaml --out tinygpt_v_stage4/ \
+      --ckpt output/stage4/checkpoint_1000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/tinygpt_v.yaml"
+
+
+def model_section(config: str, options: list[str]) -> dict:
+    """The `model:` section of a model preset or a full train/eval config (with its defaults)."""
+    from tinygpt_v.config import load_config, to_plain
+    cfg = load_config(config, options, validate=False)
+    return to_plain(cfg.model)
+
+
+def shape_only_model(section: dict):
+    """The model with random weights on the meta device: every name and shape, no memory, no
+    pretrained files; the toy tokenizer stands in (conversion never touches the tokenizer)."""
+    from tinygpt_v.models import build_model
+    section = dict(section, tokenizer={"name": "toy_bpe"}, ckpt=None)
+    for part in ("vision", "qformer", "llm"):
+        if section.get(part) and "pretrained" in section[part]:
+            section[part] = dict(section[part], pretrained=None)
+    with torch.device("meta"):
+        return build_model(section, verbose=False)
+
+
+def cmd_convert(args) -> int:
+    from tinygpt_v.checkpoints import convert_to_ours, plan_load, read_state_dict
+    from tinygpt_v.checkpoints.loading import llm_heads, model_parts
+    model = shape_only_model(model_section(args.config, args.options))
+    if args.dry_run:
+        for source in args.sources:
+            plan = plan_load(model, read_state_dict(source), source, parts=model_parts(model),
+                             llm_heads=llm_heads(model))
+            print(plan.report)
+        return 0
+    if not args.out:
+        raise SystemExit("convert: --out is required (or --dry-run)")
+    for report in convert_to_ours(model, args.sources, args.out, strict=not args.non_strict):
+        print(report if args.verbose or not report.ok else report.summary())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_phi(args) -> int:
+    from tinygpt_v.checkpoints import convert_fused_phi
+    print(f"wrote {convert_fused_phi(args.source, args.out)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tinygpt_v.models import build_model
+    section = model_section(args.config, args.options)
+    if args.ckpt:
+        section["ckpt"] = args.ckpt
+    model = build_model(section, verbose=False)
+    model.save_pretrained(args.out, section)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="foreign checkpoint(s) -> our safetensors")
+    convert.add_argument("sources", nargs="+", help="files or folders, loaded in order (later ones win)")
+    convert.add_argument("--out", help="output .safetensors")
+    convert.add_argument("--config", default=str(DEFAULT_MODEL_CONFIG), help="model preset or full config")
+    convert.add_argument("--options", nargs="*", default=[], help="overrides such as model.lora.r=64")
+    convert.add_argument("--dry-run", action="store_true", help="print the load report, write nothing")
+    convert.add_argument("--non-strict", action="store_true", help="write even with missing/unexpected keys")
+    convert.add_argument("--verbose", action="store_true", help="print full reports")
+    convert.set_defaults(run=cmd_convert)
+
+    phi = sub.add_parser("phi", help="fused query_key_value Phi-2 folder -> today's transformers layout")
+    phi.add_argument("source")
+    phi.add_argument("--out", required=True)
+    phi.set_defaults(run=cmd_phi)
+
+    export = sub.add_parser("export", help="build a model from a config and write a self-contained folder")
+    export.add_argument("--config", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--ckpt", nargs="*", default=None, help="checkpoints to load after building")
+    export.add_argument("--options", nargs="*", default=[])
+    export.set_defaults(run=cmd_export)
+
+    args = parser.parse_args(argv)
+    from tinygpt_v.checkpoints import CheckpointError
+    try:
+        return args.run(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
