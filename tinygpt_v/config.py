@@ -1,6 +1,7 @@
 """Load, merge, override and validate configs.
 
-A config is YAML with up to four sections: `model`, `datasets`, `run` and `evaluation`.
+A config is YAML with the sections `model`, `datasets`, `run`, `evaluation` and `inference`
+(plus `paths`, named folders for interpolation such as `${paths.data}/coco`).
 `defaults: [a.yaml, ...]` at the top includes other files first (looked up next to the
 including file, then in the nearest `configs/` folder above it); the file's own keys win;
 `--options a.b=c` overrides win over everything. Sections merge key by key, except a part
@@ -146,5 +147,6 @@ def _record(node, file: str, provenance: dict[str, str], prefix: str = "") -> No
 def _import_section_owners() -> None:
     """The packages that own sections register their checkers when imported."""
     import importlib
-    for module in ("tinygpt_v.models", "tinygpt_v.data", "tinygpt_v.training", "tinygpt_v.evaluation"):
+    for module in ("tinygpt_v.models", "tinygpt_v.data", "tinygpt_v.training", "tinygpt_v.evaluation",
+                   "tinygpt_v.inference"):
         importlib.import_module(module)

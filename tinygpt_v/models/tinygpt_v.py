@@ -66,12 +66,18 @@ class TinyGPTV(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     @property
+    def vision_device(self) -> torch.device:
+        return next(self.vision.parameters()).device
+
+    @property
     def llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_image_tokens, llm hidden), in the LLM's dtype."""
-        tokens = self.ln_vision(self.vision(pixels.to(self.device)).float())
+        # the vision tower may live elsewhere (e.g. on the CPU to save GPU memory)
+        tokens = self.vision(pixels.to(self.vision_device)).to(self.device)
+        tokens = self.ln_vision(tokens.float())
         if self.qformer is not None:
             tokens = self.qformer(tokens)
         return self.connector(tokens).to(self.llm_dtype)
@@ -139,7 +145,7 @@ class TinyGPTV(nn.Module):
             return 0
         if self.qformer is not None:
             return self.qformer.query_tokens.shape[1]
-        return self.vision(images[:1].to(self.device)).shape[1]
+        return self.vision(images[:1].to(self.vision_device)).shape[1]
 
     def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True):
         self.check_markers(prompts, images is not None)
@@ -222,6 +228,11 @@ class TinyGPTV(nn.Module):
         """Rebuild a model written by `save_pretrained`: config.yaml + model.safetensors + tokenizer."""
         from ..checkpoints import from_pretrained
         return from_pretrained(folder, verbose=verbose)
+
+    def chat(self, image, question: str, **kwargs) -> str:
+        """One question about one image (path, PIL image or tensor); see tinygpt_v.inference.Chat."""
+        from ..inference import chat
+        return chat(self, image, question, **kwargs)
 
     def save_pretrained(self, folder, model_config=None) -> None:
         """Export to `folder`; `model_config` defaults to the section the model was built from."""

@@ -1,0 +1,218 @@
+"""The prediction runner with a scripted model: outputs, resume after interruption, settings guard,
+likelihood ranking, the `evaluation:` config section and eval.py."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import eval as eval_script
+from tinygpt_v.config import load_config
+from tinygpt_v.evaluation import EvalSettings, build_benchmarks, evaluate
+from tinygpt_v.evaluation.scripted import Interrupted, ScriptedModel
+from tinygpt_v.registry import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# GQA questions and the scripted replies; official 2/5 = 40 %, original 4/5 = 80 %
+# (worked out in test_eval_benchmarks.py::test_gqa).
+GQA_QUESTIONS = {
+    "201": ("n1", "Is the sky blue?", "yes", "verify", "Yes."),
+    "202": ("n2", "What color is the car?", "red", "query", "The car is red"),
+    "203": ("n3", "What is on the table?", "cup", "query", ""),
+    "204": ("n4", "Is it raining?", "no", "verify", "not sure"),
+    "205": ("n5", "What color is the bus?", "red", "query", "RED###and more"),
+}
+REPLIES = {question: reply for _, question, _, _, reply in GQA_QUESTIONS.values()}
+
+
+def write_image(path: Path, color=(200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), color).save(path)
+
+
+def make_gqa(root: Path) -> dict:
+    questions = {qid: {"imageId": image, "question": question, "answer": answer, "types": {"structural": kind}}
+                 for qid, (image, question, answer, kind, _) in GQA_QUESTIONS.items()}
+    (root / "gqa.json").write_text(json.dumps(questions))
+    for image, *_ in GQA_QUESTIONS.values():
+        write_image(root / "images" / f"{image}.jpg")
+    return {"gqa": {"name": "gqa", "questions": str(root / "gqa.json"), "image_root": str(root / "images")}}
+
+
+def settings_for(root: Path, output: str = "out", **overrides) -> EvalSettings:
+    values = {"benchmarks": make_gqa(root), "output_dir": str(root / output), "scoring": "both", "batch_size": 2}
+    return EvalSettings(**{**values, **overrides})
+
+
+def run(settings: EvalSettings, model) -> dict:
+    return evaluate(model, build_benchmarks(settings), settings, show_progress=False)
+
+
+def test_evaluation_writes_predictions_summary_and_table(tmp_path, capsys):
+    settings = settings_for(tmp_path)
+    model = ScriptedModel(REPLIES)
+    summary = run(settings, model)
+
+    gqa = summary["benchmarks"]["gqa"]
+    assert gqa["samples"] == 5
+    assert gqa["official"]["accuracy"] == pytest.approx(40.0)
+    assert gqa["original"]["accuracy"] == pytest.approx(80.0)
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "gqa.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(GQA_QUESTIONS)
+    assert rows[1]["prediction"] == "The car is red" and rows[1]["target"]["answer"] == "red"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    table = (out / "summary.md").read_text()
+    assert "| gqa | accuracy | 40.00 | 80.00 | 5 |" in table
+    assert "accuracy/verify" not in table  # breakdowns stay in the JSON
+    assert "| gqa | accuracy | 40.00 | 80.00 | 5 |" in capsys.readouterr().out
+    assert not list(out.glob("gqa.rank*.jsonl"))  # parts merged away
+    assert len(model.seen) == 5
+
+
+def test_interrupted_evaluation_resumes_without_redoing_samples(tmp_path):
+    full = run(settings_for(tmp_path, output="uninterrupted"), ScriptedModel(REPLIES))
+
+    settings = settings_for(tmp_path, output="interrupted")
+    with pytest.raises(Interrupted):
+        run(settings, ScriptedModel(REPLIES, stop_after_batches=1))  # killed after the first batch of 2
+    assert len((tmp_path / "interrupted" / "gqa.rank0.jsonl").read_text().splitlines()) == 2
+
+    resumed_model = ScriptedModel(REPLIES)
+    resumed = run(settings, resumed_model)
+    questions = [q for _, q, *_ in GQA_QUESTIONS.values()]
+    assert [p.rsplit(": ", 1)[1] for p in resumed_model.seen] == questions[2:]  # only the 3 left
+    assert resumed == full
+
+
+def test_a_partly_written_last_line_is_predicted_again(tmp_path):
+    settings = settings_for(tmp_path)
+    with pytest.raises(Interrupted):
+        run(settings, ScriptedModel(REPLIES, stop_after_batches=1))
+    with open(tmp_path / "out" / "gqa.rank0.jsonl", "a") as f:
+        f.write('{"id": "203", "prompt": "<Img>')  # the run was killed while writing
+    model = ScriptedModel(REPLIES)
+    with pytest.warns(UserWarning, match="partly written"):
+        summary = run(settings, model)
+    assert len(model.seen) == 3
+    assert summary["benchmarks"]["gqa"]["official"]["accuracy"] == pytest.approx(40.0)
+
+
+def test_resuming_with_other_generation_settings_is_refused(tmp_path):
+    run(settings_for(tmp_path), ScriptedModel(REPLIES))
+    with pytest.raises(ConfigError, match=r"evaluation.output_dir: .*max_new_tokens: \[20\] -> \[5\]"):
+        run(settings_for(tmp_path, max_new_tokens=5), ScriptedModel(REPLIES))
+
+
+def test_limit_evaluates_the_first_samples(tmp_path):
+    summary = run(settings_for(tmp_path, limit=2), ScriptedModel(REPLIES))
+    # 201 "Yes." right, 202 "The car is red" wrong -> 50 % official; both right in the original scoring
+    assert summary["benchmarks"]["gqa"]["samples"] == 2
+    assert summary["benchmarks"]["gqa"]["official"]["accuracy"] == pytest.approx(50.0)
+    assert summary["benchmarks"]["gqa"]["original"]["accuracy"] == pytest.approx(100.0)
+
+
+def test_likelihood_benchmark_ranks_candidates(tmp_path):
+    problems = {"1": {"question": "How many dots?", "choices": ["2", "3"], "answer": 1},
+                "2": {"question": "Which shape?", "choices": ["circle", "square"], "answer": 0},
+                "3": {"question": "How many sides?", "choices": ["3", "4"], "answer": 1}}
+    for pid, problem in problems.items():
+        problem.update(ques_type="choose_txt", split="test")
+        write_image(tmp_path / "iconqa" / "test" / "choose_txt" / pid / "image.png")
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    settings = EvalSettings(benchmarks={"iconqa": {"problems": str(tmp_path / "problems.json"),
+                                                   "image_root": str(tmp_path / "iconqa")}},
+                            output_dir=str(tmp_path / "out"))
+    model = ScriptedModel({"dots": "3", "shape": "square", "sides": "4"})  # the candidate each prefers
+    summary = run(settings, model)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "iconqa.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == ["3", "square", "4"]
+    assert summary["benchmarks"]["iconqa"]["official"]["accuracy"] == pytest.approx(200 / 3)
+
+
+# --- the evaluation: config section --------------------------------------------------------------
+
+def write_config(tmp_path: Path, evaluation: str) -> Path:
+    path = tmp_path / "eval.yaml"
+    path.write_text("evaluation:\n" + evaluation)
+    return path
+
+
+def test_only_selected_benchmarks_need_their_files(tmp_path):
+    make_gqa(tmp_path)
+    path = write_config(tmp_path, f"""
+  data_root: {tmp_path}
+  select: [gqa]
+  benchmarks:
+    gqa: {{questions: "${{evaluation.data_root}}/gqa.json", image_root: "${{evaluation.data_root}}/images"}}
+    vsr: {{annotations: /nowhere/test.jsonl, image_root: /nowhere}}
+""")
+    cfg = load_config(path)
+    assert cfg.evaluation.benchmarks.gqa.questions == f"{tmp_path}/gqa.json"
+    with pytest.raises(ConfigError, match=r"evaluation.benchmarks.vsr.annotations: path does not exist"):
+        load_config(path, ["evaluation.select=[gqa,vsr]"])
+
+
+@pytest.mark.parametrize("entry,key,message", [
+    ("gqa: {questons: $/q.json, image_root: $}", "evaluation.benchmarks.gqa.questons", "did you mean 'questions'"),
+    ("gqa: {name: gqaa, questions: $/q.json}", "evaluation.benchmarks.gqa.name", "did you mean 'gqa'"),
+    ("ref: {name: refcoco, image_root: $, annotations: $/q.json, refs: $/q.json}", "evaluation.benchmarks.ref",
+     "either `annotations`"),
+    ("vqa: {name: vqav2, questions: $/q.json, annotations: $/q.json, image_root: $, batch_size: two}",
+     "evaluation.benchmarks.vqa.batch_size", "expected int"),
+])
+def test_config_errors_name_the_key(tmp_path, entry, key, message):
+    (tmp_path / "q.json").write_text("{}")
+    path = write_config(tmp_path, f"  benchmarks:\n    {entry.replace('$', str(tmp_path))}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert error.value.key == key and message in error.value.message
+    assert error.value.file == str(path)
+
+
+def test_unknown_selection_and_scoring_are_named(tmp_path):
+    path = write_config(tmp_path, "  scoring: lenient\n  benchmarks: {}\n")
+    with pytest.raises(ConfigError, match=r"evaluation.scoring: expected one of \['official', 'original', 'both'\]"):
+        load_config(path)
+    path = write_config(tmp_path, "  benchmarks: {}\n")
+    with pytest.raises(ConfigError, match=r"evaluation.select\[0\]: no benchmark 'gqa'"):
+        load_config(path, ["evaluation.select=[gqa]"])
+
+
+@pytest.mark.parametrize("suite", ["benchmarks.yaml", "demo.yaml"])
+def test_shipped_suites_are_valid(suite):
+    # Their data is not on this machine: check the section's keys and types, and every entry's
+    # keys against its benchmark, without requiring the files.
+    import inspect
+
+    from tinygpt_v.evaluation.settings import read_settings
+    from tinygpt_v.registry import BENCHMARKS
+    cfg = load_config(REPO / "eval_configs" / suite, ["evaluation.select=[]", "evaluation.checkpoint=null"],
+                      validate=False)
+    read_settings(cfg.evaluation)
+    for key, entry in cfg.evaluation.benchmarks.items():
+        benchmark = BENCHMARKS.get(entry.get("name", key))
+        assert set(entry) - {"name"} <= set(inspect.signature(benchmark).parameters), key
+    if suite == "benchmarks.yaml":
+        assert {"gqa", "vsr", "iconqa", "vizwiz", "hateful_memes", "okvqa", "vqav2", "refcoco_val",
+                "refcoco+_testA", "refcocog_test"} <= set(cfg.evaluation.benchmarks)
+
+
+# --- eval.py -----------------------------------------------------------------------------------
+
+def test_eval_script_runs_selected_benchmarks_and_prints_the_table(tmp_path, monkeypatch, capsys):
+    make_gqa(tmp_path)
+    path = write_config(tmp_path, f"""
+  output_dir: {tmp_path / "out"}
+  scoring: official
+  benchmarks:
+    gqa: {{questions: {tmp_path}/gqa.json, image_root: {tmp_path}/images}}
+    vsr: {{annotations: /nowhere/test.jsonl, image_root: /nowhere}}
+""")
+    monkeypatch.setattr("tinygpt_v.evaluation.loading.load_model", lambda cfg, settings, device: ScriptedModel(REPLIES))
+    assert eval_script.main(["--cfg-path", str(path), "--benchmarks", "gqa"]) == 0
+    assert "| gqa | accuracy | 40.00 | 5 |" in capsys.readouterr().out
+
+    assert eval_script.main(["--cfg-path", str(path), "--benchmarks", "gqa,vqa"]) == 2
+    assert "evaluation.select[1]: no benchmark 'vqa'" in capsys.readouterr().err

@@ -1,0 +1,315 @@
+"""Mixing several datasets into one resumable stream of batches.
+
+Each step picks one dataset with probability proportional to its `sample_ratio` (as the
+original's MultiIterLoader) and takes one batch of that dataset's `batch_size` from it, so a
+batch never mixes datasets (nor image and text-only samples).
+
+Everything is a function of (seed, step, dataset positions), which makes the loader exactly
+resumable:
+* the dataset of step k is drawn from an rng seeded by (seed, k): the state is just k;
+* a map-style dataset walks a seeded permutation per epoch: the state is (epoch, position);
+* a webdataset stream is a seeded shard order + shuffle buffer per epoch: the state is
+  (epoch, samples consumed); a resume replays the raw stream and drops that many, undecoded;
+* every sample's own randomness comes from (seed, dataset, epoch, index).
+All ranks draw the same dataset at each step; rank r reads every world_size-th element of the
+permutation (map-style) or of the shuffled shard list (streams), so ranks never overlap.
+
+Config, one entry per dataset:
+
+    datasets:
+      coco_vqa:                  # the entry name picks the builder (DATASETS registry) ...
+        batch_size: 6
+        sample_ratio: 15
+        vis_processor: {name: blip2_image_train, image_size: 448}
+        ann_paths: [...]
+      refcocop:
+        builder: refcoco         # ... unless `builder:` names it, so a builder can serve twice
+        dataset: refcoco+
+        ...
+
+`batch_size`, `sample_ratio`, `builder` and `max_image_pixels` belong to the loader; every
+other key is an argument of the builder.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from ..config import register_section, to_plain
+from ..registry import DATASETS, ConfigError, _plain, check_kwargs
+from .base import DEFAULT_MAX_IMAGE_PIXELS, MapDataset, StreamDataset, sample_rng
+from .images import SkipSample
+
+log = logging.getLogger(__name__)
+
+LOADER_KEYS = ("batch_size", "sample_ratio", "builder", "max_image_pixels")
+# A dataset that skips this many samples in a row is broken, not unlucky: stop with an error.
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+def _loader_options(batch_size: int, sample_ratio: float = 1.0, builder: str | None = None,
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Schema of the loader's own keys in a `datasets.<entry>` section."""
+
+
+# --- config -------------------------------------------------------------------------------------
+
+@register_section("datasets")
+def check_datasets_section(section: Any, key: str = "datasets") -> None:
+    if not isinstance(section, Mapping):
+        raise ConfigError(key, "expected a mapping of dataset entries")
+    for entry, options in section.items():
+        entry_key = f"{key}.{entry}"
+        if not isinstance(options, Mapping):
+            raise ConfigError(entry_key, "expected a section with batch_size, sample_ratio and the dataset's keys")
+        loader, builder_kwargs = _split_entry(options)
+        check_kwargs(_loader_options, loader, entry_key)
+        if loader["batch_size"] < 1:
+            raise ConfigError(f"{entry_key}.batch_size", "must be at least 1")
+        if loader.get("sample_ratio", 1.0) <= 0:
+            raise ConfigError(f"{entry_key}.sample_ratio", "must be positive")
+        builder_key = f"{entry_key}.builder" if "builder" in options else entry_key
+        check_kwargs(DATASETS.get(options.get("builder", entry), builder_key), builder_kwargs, entry_key)
+
+
+@register_section("paths")
+def check_paths_section(section: Any, key: str = "paths") -> None:
+    """`paths:` names folders once (`coco: /data/coco`) for `${paths.coco}` in dataset entries."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(key, "expected a mapping of names to folders")
+    for name in section:
+        if not isinstance(section[name], str):
+            raise ConfigError(f"{key}.{name}", f"expected a path string, got {section[name]!r}")
+
+
+def _split_entry(options: Mapping) -> tuple[dict, dict]:
+    loader = {k: options[k] for k in options if k in LOADER_KEYS}
+    return loader, {k: options[k] for k in options if k not in LOADER_KEYS}
+
+
+def build_dataset(entry: str, options: Mapping, key_prefix: str = "datasets"):
+    """Build one `datasets.<entry>` section; errors name `datasets.<entry>.<key>`."""
+    options = to_plain(options)
+    loader, builder_kwargs = _split_entry(options)
+    builder = DATASETS.get(loader.get("builder", entry), f"{key_prefix}.{entry}")
+    try:
+        check_kwargs(builder, builder_kwargs, f"{key_prefix}.{entry}")
+        dataset = builder(**{k: _plain(v) for k, v in builder_kwargs.items()})
+    except ConfigError as e:
+        if e.key.startswith(f"{key_prefix}."):
+            raise
+        raise ConfigError(f"{key_prefix}.{entry}.{e.key}", e.message) from None
+    dataset.set_name(entry)
+    dataset.max_image_pixels = loader.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    return dataset
+
+
+# --- collate ---------------------------------------------------------------------------------------
+
+def collate(samples: list[dict]) -> dict:
+    """Samples of one dataset -> the batch `TinyGPTV.forward` takes (turns always as lists)."""
+    has_image = [s["image"] is not None for s in samples]
+    if any(has_image) and not all(has_image):
+        raise ValueError("a batch mixes samples with and without images")
+    as_turns = lambda text: list(text) if isinstance(text, (list, tuple)) else [text]  # noqa: E731
+    return {
+        "image": torch.stack([s["image"] for s in samples]) if all(has_image) else None,
+        "prompt": [as_turns(s["prompt"]) for s in samples],
+        "answer": [as_turns(s["answer"]) for s in samples],
+        "id": [s["id"] for s in samples],
+        "dataset": [s["dataset"] for s in samples],
+    }
+
+
+# --- per-dataset sources ------------------------------------------------------------------------------
+
+class MapSource:
+    """Walks a seeded per-epoch permutation of a map-style dataset (this rank's share)."""
+
+    def __init__(self, dataset: MapDataset, seed: int, rank: int, world_size: int):
+        if len(dataset) < world_size:
+            raise ConfigError(f"datasets.{dataset.name}", f"{len(dataset)} samples cannot be split over {world_size} ranks")
+        self.dataset, self.seed, self.rank, self.world_size = dataset, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(hash_seed(self.seed, self.dataset.name, self.epoch))
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return order[self.rank::self.world_size]
+
+    def next_tasks(self, n: int) -> list[tuple]:
+        """The next n (index, rng) pairs to load; advances the position."""
+        tasks = []
+        for _ in range(n):
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            index = self._order[self.position]
+            tasks.append((index, sample_rng(self.seed, self.dataset.name, self.epoch, index)))
+            self.position += 1
+        return tasks
+
+    def load(self, task: tuple) -> dict:
+        index, rng = task
+        return self.dataset.load(index, rng)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order()
+
+
+class StreamSource:
+    """Reads a webdataset stream; raw samples are taken here, decoded in `load`."""
+
+    def __init__(self, dataset: StreamDataset, seed: int, rank: int, world_size: int):
+        self.dataset, self.seed, self.rank, self.world_size = dataset, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._stream: Iterator | None = None
+
+    def _open(self) -> Iterator:
+        stream = self.dataset.raw_samples(self.epoch, self.seed, self.rank, self.world_size)
+        with self.dataset.skips.muted():  # skips met while replaying were counted the first time
+            for _ in range(self.position):  # resume: drop what was consumed, without decoding it
+                next(stream, None)
+        return stream
+
+    def next_tasks(self, n: int) -> list[tuple]:
+        tasks = []
+        while len(tasks) < n:
+            if self._stream is None:
+                self._stream = self._open()
+            raw = next(self._stream, None)
+            if raw is None:
+                if self.position == 0:
+                    raise RuntimeError(f"dataset {self.dataset.name}: rank {self.rank}'s shards hold no samples")
+                self.epoch, self.position, self._stream = self.epoch + 1, 0, None
+                continue
+            tasks.append((raw, sample_rng(self.seed, self.dataset.name, self.epoch, self.position)))
+            self.position += 1
+        return tasks
+
+    def load(self, task: tuple) -> dict:
+        raw, rng = task
+        return self.dataset.decode(raw, rng)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.position, self._stream = int(state["epoch"]), int(state["position"]), None
+
+
+def hash_seed(seed: int, name: str, epoch: int) -> int:
+    return random.Random(f"{seed}/{name}/order/{epoch}").getrandbits(63)
+
+
+# --- the mixed loader ----------------------------------------------------------------------------------
+
+class MixedLoader:
+    """Infinite iterator of batches over several datasets; see the module docstring."""
+
+    def __init__(self, datasets: Mapping[str, Any], batch_sizes: Mapping[str, int], ratios: Mapping[str, float],
+                 *, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        if not datasets:
+            raise ConfigError("datasets", "no datasets to train on")
+        self.names = list(datasets)
+        self.datasets = dict(datasets)
+        self.batch_sizes = {n: int(batch_sizes[n]) for n in self.names}
+        total = sum(ratios[n] for n in self.names)
+        self.ratios = {n: ratios[n] / total for n in self.names}
+        self.seed, self.step = seed, 0
+        self.sources = {n: _source(d, seed, rank, world_size) for n, d in self.datasets.items()}
+        self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+
+    def __iter__(self) -> "MixedLoader":
+        return self
+
+    def __next__(self) -> dict:
+        name = self.choose(self.step)
+        batch = self._batch(name)
+        self.step += 1
+        return batch
+
+    def choose(self, step: int) -> str:
+        """The dataset of a step: weighted by sample_ratio, from an rng seeded by (seed, step)."""
+        rng = random.Random(f"{self.seed}/mix/{step}")
+        return rng.choices(self.names, weights=[self.ratios[n] for n in self.names], k=1)[0]
+
+    def _batch(self, name: str) -> dict:
+        source, want = self.sources[name], self.batch_sizes[name]
+        samples, skipped_in_a_row = [], 0
+        while len(samples) < want:
+            for result in self._load_all(source, source.next_tasks(want - len(samples))):
+                if isinstance(result, SkipSample):
+                    self.datasets[name].skips.add(result.reason, result.detail)
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                        raise RuntimeError(f"dataset {name}: {skipped_in_a_row} samples in a row were bad; "
+                                           f"skip counts {self.datasets[name].skips.as_dict()}")
+                else:
+                    samples.append(result)
+                    skipped_in_a_row = 0
+        return collate(samples)
+
+    def _load_all(self, source, tasks: list) -> list:
+        def load(task):
+            try:
+                return source.load(task)
+            except SkipSample as skip:
+                return skip
+        return list(self._pool.map(load, tasks)) if self._pool else [load(t) for t in tasks]
+
+    def skip_counts(self) -> dict[str, dict[str, int]]:
+        """Skipped samples so far, {dataset: {reason: count}} (datasets without skips omitted)."""
+        return {n: d.skips.as_dict() for n, d in self.datasets.items() if d.skips.counts}
+
+    def state_dict(self) -> dict:
+        """Plain ints and dicts: safe for `torch.load(weights_only=True)` and JSON."""
+        return {"step": self.step,
+                "sources": {n: s.state_dict() for n, s in self.sources.items()},
+                "skips": {n: d.skips.as_dict() for n, d in self.datasets.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        missing = set(self.names) - set(state["sources"])
+        if missing:
+            raise ValueError(f"the saved data position has no entry for dataset(s) {sorted(missing)}")
+        self.step = int(state["step"])
+        for name, source in self.sources.items():
+            source.load_state_dict(state["sources"][name])
+            self.datasets[name].skips.counts.clear()
+            self.datasets[name].skips.counts.update(state.get("skips", {}).get(name, {}))
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown()
+
+
+def _source(dataset, seed: int, rank: int, world_size: int):
+    if isinstance(dataset, StreamDataset):
+        return StreamSource(dataset, seed, rank, world_size)
+    return MapSource(dataset, seed, rank, world_size)
+
+
+def build_train_loader(datasets_cfg: Mapping, *, seed: int, rank: int = 0, world_size: int = 1,
+                       num_workers: int = 0) -> MixedLoader:
+    """The `datasets:` section -> a MixedLoader (`num_workers` threads load a batch's samples)."""
+    check_datasets_section(datasets_cfg)
+    datasets, batch_sizes, ratios = {}, {}, {}
+    for entry, options in to_plain(datasets_cfg).items():
+        datasets[entry] = build_dataset(entry, options)
+        batch_sizes[entry] = options["batch_size"]
+        ratios[entry] = options.get("sample_ratio", 1.0)
+        log.info("dataset %s: %s samples, batch %d, ratio %s", entry,
+                 len(datasets[entry]) if isinstance(datasets[entry], MapDataset) else "streamed",
+                 batch_sizes[entry], ratios[entry])
+    return MixedLoader(datasets, batch_sizes, ratios, seed=seed, rank=rank, world_size=world_size,
+                       num_workers=num_workers)

@@ -1,0 +1,45 @@
+"""VQA in the LAVIS / MiniGPT-4 annotation layout: the official VQA accuracy.
+
+File: a list of {question_id, question, answer (a list of human answers, or one string), image};
+images `<image_root>/<image>`. The toy world's held-out questions use it, so the offline demo
+model is scored by the same runner as the real benchmarks. `prompt` is the instruction the model
+was trained with ({} is the question)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ...registry import BENCHMARKS, LocalPath
+from ..benchmark import (IMAGE_PROMPT, SHORT_ANSWER, Benchmark, BenchmarkDataError, Sample, accuracy_by,
+                         clean_reply, read_json, require)
+from ..metrics import vqa_accuracy, vqa_accuracy_original
+
+
+@BENCHMARKS.register("lavis_vqa")
+@dataclass(kw_only=True)
+class LavisVQA(Benchmark):
+    annotations: LocalPath
+    image_root: LocalPath
+    prompt: str = SHORT_ANSWER
+
+    def load(self) -> list[Sample]:
+        records = read_json(self.annotations)
+        if not isinstance(records, list):
+            raise BenchmarkDataError(f"{self.annotations}: expected a list of questions")
+        samples = []
+        for i, record in enumerate(records):
+            where = f"{self.annotations}: entry {i}"
+            answers = require(record, "answer", where, (list, str))
+            samples.append(Sample(
+                id=str(require(record, "question_id", where, (int, str))),
+                image=os.path.join(self.image_root, require(record, "image", where, str)),
+                prompt=IMAGE_PROMPT.format(self.prompt.format(require(record, "question", where, str))),
+                target={"answers": [answers] if isinstance(answers, str) else answers}))
+        return samples
+
+    def score_official(self, rows: list[dict]) -> dict[str, float]:
+        return accuracy_by(rows, lambda row: vqa_accuracy(clean_reply(row["prediction"]), row["target"]["answers"]))
+
+    def score_original(self, rows: list[dict]) -> dict[str, float]:
+        return accuracy_by(rows, lambda row: vqa_accuracy_original(clean_reply(row["prediction"]),
+                                                                   row["target"]["answers"]))

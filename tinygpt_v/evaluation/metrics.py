@@ -1,0 +1,204 @@
+"""Answer normalisation and the metrics the benchmarks share.
+
+The VQA normalisation follows the official VQA evaluation (`vqaEval.py`, Antol et al.):
+punctuation, digit words, articles, contractions, and the accuracy
+min(#matching humans / 3, 1) averaged over the leave-one-out subsets of the human answers.
+Two deliberate differences from that script, both as the EvalAI server scores VQA challenges:
+the prediction and the human answers are always normalised (the script skips normalisation when
+all humans agree), and subsets are formed by position (the script compares answer dicts, which
+breaks when two entries are identical).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# --- official VQA answer normalisation --------------------------------------------------------
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+# "none" -> "0" is in the official table: "none" and "0" count as the same answer.
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                ",", "?", "!"]
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)"; its first group is a look-ahead that never fails
+# before a ".", so it removes every period not followed by a digit ("3.5" keeps its point).
+_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def _strip_punctuation(text: str) -> str:
+    # A mark touching a space, or any mark in a text with "1,000"-style numbers, is deleted;
+    # otherwise it becomes a space ("t-shirt" -> "t shirt"). Conditions look at the input text.
+    out = text
+    has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for mark in _PUNCTUATION:
+        if mark + " " in text or " " + mark in text or has_digit_comma:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD.sub("", out)
+
+
+def _digits_articles_contractions(text: str) -> str:
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """The official VQA normalisation: 'The Two Dogs.' -> '2 dogs'."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles_contractions(_strip_punctuation(text))
+
+
+# --- VQA accuracy -----------------------------------------------------------------------------
+
+def _leave_one_out_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """min(#matches among the other humans / 3, 1), averaged over leaving each human out."""
+    matches = [answer == prediction for answer in answers]
+    total = sum(matches)
+    per_subset = [min(1.0, (total - own) / 3) for own in matches]
+    return sum(per_subset) / len(per_subset)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Official VQA accuracy of one prediction against the human answers, in [0, 1]."""
+    if not answers:
+        raise ValueError("VQA accuracy needs at least one human answer")
+    return _leave_one_out_accuracy(normalize_vqa_answer(prediction), [normalize_vqa_answer(a) for a in answers])
+
+
+def vqa_accuracy_original(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy exactly as the VQA tools bundled with the original compute it.
+
+    They normalise only when the humans disagree; when all answers are identical the prediction
+    is compared after strip() and lower() alone, so "yes." scores 0 against ten "yes"."""
+    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
+    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    if len(set(answers)) > 1:
+        prediction = normalize_vqa_answer(prediction)
+        answers = [normalize_vqa_answer(a) for a in answers]
+    return _leave_one_out_accuracy(prediction.lower(), [a.lower() for a in answers])
+
+
+# --- yes/no and true/false answers ----------------------------------------------------------------
+
+def parse_polarity(text: str, positive: set[str], negative: set[str]) -> bool | None:
+    """True/False when the answer's words contain only positive or only negative words, else None.
+
+    Whole words after VQA normalisation: "Yes, it is." -> True, "not sure" -> None,
+    "yes and no" -> None (both)."""
+    words = set(normalize_vqa_answer(text).split())
+    said_yes, said_no = bool(words & positive), bool(words & negative)
+    if said_yes == said_no:
+        return None
+    return said_yes
+
+
+def parse_yes_no(text: str) -> bool | None:
+    return parse_polarity(text, {"yes"}, {"no"})
+
+
+def parse_true_false(text: str) -> bool | None:
+    return parse_polarity(text, {"true", "yes"}, {"false", "no"})
+
+
+# --- ranking ------------------------------------------------------------------------------------
+
+def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half.
+
+    Computed with average ranks (Mann-Whitney U), so tied scores, as from yes/no answers, are exact."""
+    positives = sum(1 for label in labels if label == 1)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("AUROC needs at least one positive and one negative label")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1  # 1-based average rank of the tie group
+        start = end + 1
+    positive_rank_sum = sum(rank for rank, label in zip(ranks, labels) if label == 1)
+    return (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+# --- boxes ------------------------------------------------------------------------------------
+
+GRID = 100  # MiniGPT-v2 boxes are written on a 0..100 grid: {<x1><y1><x2><y2>}
+_BOX = re.compile(r"\{\s*<\s*(\d+)\s*>\s*<\s*(\d+)\s*>\s*<\s*(\d+)\s*>\s*<\s*(\d+)\s*>\s*\}")
+
+
+def parse_grid_box(text: str) -> tuple[int, int, int, int] | None:
+    """The first `{<x1><y1><x2><y2>}` in the text; None when absent or off the 0..100 grid."""
+    match = _BOX.search(text)
+    if match is None:
+        return None
+    box = tuple(int(v) for v in match.groups())
+    if any(v > GRID for v in box):
+        return None
+    return box  # type: ignore[return-value]
+
+
+def grid_to_pixels(box: Sequence[float], width: float, height: float) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [x1 / GRID * width, y1 / GRID * height, x2 / GRID * width, y2 / GRID * height]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes in continuous coordinates; empty boxes give 0."""
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_iou_original(a: Sequence[float], b: Sequence[float]) -> float:
+    """The original's IoU: inclusive pixel coordinates, so every side is one pixel longer."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1) * max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    return inter / (area_a + area_b - inter)
+
+
+def mean_percent(values: Sequence[float]) -> float:
+    """Mean of per-sample scores in [0, 1], as a percentage (0 for no samples)."""
+    return 100.0 * sum(values) / len(values) if values else 0.0

@@ -1,0 +1,80 @@
+"""The `inference:` config section, read by the terminal chat, the web demo and batch prediction.
+
+    inference:
+      checkpoint: path/to/stage4.safetensors   # ours, an exported folder, or the original's .pth
+      template: stage4                         # stage1-3 | stage4 | {turn: "... {} ...", after_answer: "..."}
+      device: auto                             # auto (cuda when there is one) | cpu | cuda | cuda:1
+      precision: auto                          # the LLM's dtype: auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+      quantization: null                       # int8 | nf4: the LLM through bitsandbytes
+      vision_device: auto                      # auto (beside the LLM) | cpu
+      vision_precision: auto                   # as precision, for the vision encoder
+      generation: {max_new_tokens: 300, num_beams: 1, temperature: 0.0, top_p: 0.9, repetition_penalty: 1.0}
+
+Low-memory modes are these switches: `precision: fp16|bf16`, `quantization: int8|nf4`,
+`vision_device: cpu` / `vision_precision: fp16`, and `device: cpu` for pure CPU inference.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from ..config import register_section, to_plain
+from ..registry import ConfigError, LocalPath, Section, check_kwargs
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+@dataclass(kw_only=True)
+class GenerationSettings:
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    temperature: float = 0.0  # 0: greedy decoding; above 0: sampling at this temperature
+    top_p: float = 0.9        # nucleus sampling; only used when sampling
+    repetition_penalty: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `TinyGPTV.generate`."""
+        sampling = self.temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": sampling,
+                "temperature": self.temperature if sampling else 1.0, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty}
+
+    def replace(self, **changes) -> "GenerationSettings":
+        """A copy with `changes` applied; None values are ignored (an untouched UI control)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(kw_only=True)
+class InferenceSettings:
+    checkpoint: LocalPath | None = None
+    template: str | dict = "stage4"
+    device: str = "auto"
+    precision: Precision = "auto"
+    quantization: Literal["int8", "nf4"] | None = None
+    vision_device: Literal["auto", "cpu"] = "auto"
+    vision_precision: Precision = "auto"
+    image_size: int | None = None  # null: the vision encoder's own
+    merge_lora: bool = True        # fold LoRA into the LLM weights: same answers, faster tokens
+    generation: Annotated[dict, Section(GenerationSettings)] = field(default_factory=dict)
+
+    @property
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(**self.generation)
+
+
+@register_section("inference")
+def check_inference(section, key: str = "inference") -> None:
+    read_inference_settings(section, key)
+
+
+def read_inference_settings(section, key: str = "inference") -> InferenceSettings:
+    """Checked settings from an `inference:` section (None or missing: all defaults)."""
+    plain = to_plain(section) if section is not None else {}
+    if not isinstance(plain, dict):
+        raise ConfigError(key, "expected a section (mapping)")
+    check_kwargs(InferenceSettings, plain, key)
+    settings = InferenceSettings(**plain)
+    from .templates import get_template
+    get_template(settings.template)  # an unknown preset fails at load time, not at the first question
+    return settings
