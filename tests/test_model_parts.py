@@ -216,3 +216,13 @@ def test_llm_loads_pretrained_weights_from_a_local_folder(tmp_path):
     layer = model.llm.model.layers[0]
     assert isinstance(layer, PhiDecoderLayerWithPostNorm)
     assert torch.equal(layer.post_layernorm.weight, torch.ones(64))  # the new norm starts as identity
+
+
+def test_static_cache_decode_gives_the_same_greedy_answers():
+    model = build().eval()
+    pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    prompts = ["<Img><ImageHere></Img> What colour is the circle",
+               "<Img><ImageHere></Img> How many shapes are there in this picture, in total",
+               "<Img><ImageHere></Img> Left or right"]
+    plain = model.generate(pixels, prompts, max_new_tokens=8)
+    assert model.generate(pixels, prompts, max_new_tokens=8, static_cache=True) == plain

@@ -157,13 +157,20 @@ class TinyGPTV(nn.Module):
         """Batch from the data collate: `image` (B,3,S,S) or None, `prompt` and `answer` as
         lists of per-turn strings. Returns the mean loss over answer + end_sym tokens."""
         embeds, mask, labels = self.prepare_training_inputs(batch.get("image"), batch["prompt"], batch["answer"])
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
-        targets = labels[:, 1:]
-        num_targets = int((targets != IGNORE).sum())
-        loss_sum = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                               ignore_index=IGNORE, reduction="sum")
+        predicts_target = labels[:, 1:] != IGNORE  # position t predicts token t+1
+        logits = self.target_logits(embeds, mask, predicts_target)
+        targets = labels[:, 1:][predicts_target]
+        loss_sum = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        num_targets = int(targets.numel())
         return {"loss": loss_sum / max(num_targets, 1), "num_target_tokens": num_targets,
                 "num_tokens": int(mask.sum())}
+
+    def target_logits(self, embeds: torch.Tensor, mask: torch.Tensor, predicts_target: torch.Tensor):
+        """Logits only where a target is predicted. The LM head over a 51k vocabulary is the
+        largest activation of a step; prompt and image positions never need it."""
+        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        hidden = causal_lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return causal_lm.get_output_embeddings()(hidden[:, :-1][predicts_target])
 
     @torch.no_grad()
     def score_candidates(self, images: torch.Tensor | None, prompts: list[str],
@@ -190,8 +197,12 @@ class TinyGPTV(nn.Module):
     @torch.no_grad()
     def generate(self, images: torch.Tensor | None, prompts: list[str], max_new_tokens: int = 20,
                  do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, apply_template: bool = True, streamer=None) -> list[str]:
-        """Answer each prompt; stops at end_sym or EOS; returns the decoded strings."""
+                 repetition_penalty: float = 1.0, apply_template: bool = True, streamer=None,
+                 static_cache: bool = False, compile: bool = False) -> list[str]:
+        """Answer each prompt; stops at end_sym or EOS; returns the decoded strings.
+
+        `static_cache` preallocates the KV cache (fixed shapes), which `compile` needs to turn
+        the decode step into one compiled graph (CUDA graphs on GPU); neither changes results."""
         self.check_markers([[p] for p in prompts], images is not None)
         n_image = self.num_image_tokens(images)
         seqs = [self.build_sequence([p], None, n_image, apply_template=apply_template) for p in prompts]
@@ -202,6 +213,7 @@ class TinyGPTV(nn.Module):
             num_beams=num_beams, repetition_penalty=repetition_penalty, streamer=streamer,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=[self.end_sym] if self.end_sym else None, tokenizer=self.tokenizer,
+            cache_implementation="static" if static_cache else None, disable_compile=not compile,
             **sampling)
         return [self.clean_answer(text) for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
