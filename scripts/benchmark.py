@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--text-len", type=int, default=160, help="prompt+answer text tokens per training sample")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--modes", default=None, help="inference modes, e.g. fp16,bf16,int8,nf4 (default: by device)")
     p.add_argument("--note", default="", help="free text stored with the run")
     return p.parse_args(argv)
 
@@ -104,7 +105,15 @@ def training_flops_per_step(model, num_tokens: int, num_images: int, image_token
             + num_images * (2 * vision * image_tokens + 2 * qformer * queries))
 
 
-def bench_training(model, args, device: str, image_size: int, peak: float | None) -> dict:
+def full_logits_loss(model, batch) -> dict:
+    """The naive baseline: LM-head logits at every position, as stock HF training computes."""
+    embeds, mask, labels = model.prepare_training_inputs(batch["image"], batch["prompt"], batch["answer"])
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
+    return {"loss": loss, "num_tokens": int(mask.sum())}
+
+
+def bench_training(model, args, device: str, image_size: int, peak: float | None, naive: bool = False) -> dict:
     model.train()
     batch = synthetic_batch(model, args.train_batch, args.text_len, image_size, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -113,7 +122,7 @@ def bench_training(model, args, device: str, image_size: int, peak: float | None
 
     def step():
         with amp:
-            out = model(batch)
+            out = full_logits_loss(model, batch) if naive else model(batch)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -137,7 +146,7 @@ def bench_vision(model, device: str, image_size: int, steps: int, batch: int) ->
 
 
 @torch.no_grad()
-def bench_generation(model, device: str, image_size: int, batch: int, new_tokens: int) -> dict:
+def bench_generation(model, device: str, image_size: int, batch: int, new_tokens: int, **generate_kwargs) -> dict:
     """Greedy decoding with a forced length (no stop), so every run decodes `new_tokens`."""
     model.eval()
     pixels = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -146,13 +155,37 @@ def bench_generation(model, device: str, image_size: int, batch: int, new_tokens
     eos, model.tokenizer.eos_token_id = model.tokenizer.eos_token_id, None
     try:
         reset_peak(device)
-        first = timed(lambda: model.generate(pixels, prompts, max_new_tokens=1), 2, device)
-        full = timed(lambda: model.generate(pixels, prompts, max_new_tokens=new_tokens), 2, device)
+        first = timed(lambda: model.generate(pixels, prompts, max_new_tokens=1, **generate_kwargs), 2, device)
+        full = timed(lambda: model.generate(pixels, prompts, max_new_tokens=new_tokens, **generate_kwargs), 2, device)
     finally:
         model.end_sym, model.tokenizer.eos_token_id = end_sym, eos
-    return {"batch": batch, "time_to_first_token_s": first,
+    return {"batch": batch, "path": "static cache" + (" + compile" if generate_kwargs.get("compile") else "")
+            if generate_kwargs.get("static_cache") else "plain", "time_to_first_token_s": first,
             "decode_tokens_per_s": batch * (new_tokens - 1) / max(full - first, 1e-9),
             "peak_memory_gb": peak_memory_gb(device)}
+
+
+def bench_inference_modes(section: dict, device: str, image_size: int, modes: list[str], new_tokens: int) -> list:
+    """Batch-1 generation speed and peak memory of the whole model (vision + Q-Former + LLM)
+    in each low-memory mode of the inference settings, each on a freshly built model."""
+    from tinygpt_v.inference.loading import prepare_model
+    from tinygpt_v.inference.settings import InferenceSettings
+    rows = []
+    for mode in modes:
+        precision, quantization = (mode, None) if mode in ("fp32", "fp16", "bf16") else ("fp16", mode)
+        if device == "cpu" and precision == "fp16":
+            precision = "fp32"  # bitsandbytes on CPU computes in fp32/bf16
+        torch.manual_seed(0)
+        model = build_model(section, verbose=False)
+        settings = InferenceSettings(device=device, precision=precision, quantization=quantization,
+                                     vision_precision=precision)
+        model = prepare_model(model, settings)
+        row = bench_generation(model, device, image_size, 1, new_tokens)
+        rows.append({"mode": mode, **row})
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def environment(device: str) -> dict:
@@ -181,11 +214,19 @@ def run(args) -> dict:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in environment(device)["device"]), None)
     result = {"config": str(Path(config).relative_to(REPO)) if Path(config).is_relative_to(REPO) else config,
               **environment(device), "note": args.note, "build_seconds": build_seconds,
+              "llm_dtype": section["llm"]["dtype"],
               "import_seconds": import_seconds,
               "training": bench_training(model, args, device, image_size, peak),
+              "training_naive": bench_training(model, args, device, image_size, peak, naive=True),
               "vision": [bench_vision(model, device, s, args.steps, 8) for s in sorted({image_size, 2 * image_size})
                          if _pos_embed_fits(model, s)],
               "generation": [bench_generation(model, device, image_size, b, args.new_tokens) for b in (1, 8)]}
+    result["generation"].append(bench_generation(model, device, image_size, 1, args.new_tokens, static_cache=True,
+                                                 compile=device == "cuda"))
+    del model
+    modes = args.modes.split(",") if args.modes else (["fp16", "bf16", "int8", "nf4"] if device == "cuda"
+                                                      else ["fp32", "bf16"])
+    result["inference_modes"] = bench_inference_modes(section, device, image_size, modes, args.new_tokens)
     return result
 
 
@@ -203,28 +244,37 @@ def write_results(result: dict, out: Path) -> None:
 
 
 def markdown(runs: list[dict]) -> str:
-    lines = ["# Benchmark results", "", "Written by `scripts/benchmark.py`; newest run first.", ""]
+    lines = ["# Benchmark results", "", "Written by `scripts/benchmark.py`; newest run first. Peak memory is CUDA's",
+             "max allocated on a GPU, and the process's peak RSS so far on a CPU (so it only grows within a run).",
+             "Model FLOPs for MFU: LLM forward + activation backward (4N per token) + weight gradients of the",
+             "trainable parameters (2N_trainable) + frozen vision/Q-Former forward; attention scores not counted.", ""]
     for r in runs:
-        t = r["training"]
-        mfu = f"{100 * t['mfu']:.1f}%" if t.get("mfu") is not None else "n/a (no peak FLOPs for this device)"
+        t, naive = r["training"], r.get("training_naive")
         lines += [f"## {r['date']} · {r['device']} · {r['config']}", "",
                   f"torch {r['torch']}, transformers {r['transformers']}, peft {r['peft']}, timm {r['timm']}, "
                   f"python {r['python']}, {r['threads']} CPU threads. {r.get('note', '')}", "",
                   "| measure | value |", "|---|---|",
                   f"| model build (s), after imports | {r['build_seconds']:.2f} |",
                   f"| imports: torch, transformers, peft, timm (s) | {r.get('import_seconds', float('nan')):.2f} |",
-                  f"| train: batch x tokens/step | {t['batch']} x {t['tokens_per_step'] // t['batch']} |",
-                  f"| train: tokens/s | {t['tokens_per_s']:,.0f} |",
-                  f"| train: samples/s | {t['samples_per_s']:.2f} |",
-                  f"| train: MFU | {mfu} |",
-                  f"| train: peak memory (GiB) | {t['peak_memory_gb']:.2f} |"]
+                  f"| train: batch x tokens/step | {t['batch']} x {t['tokens_per_step'] // t['batch']} |"]
+        for label, row in (("train", t), ("train, naive baseline (full logits)", naive)):
+            if row:
+                lines += [f"| {label}: tokens/s | {row['tokens_per_s']:,.0f} |",
+                          f"| {label}: samples/s | {row['samples_per_s']:.2f} |",
+                          f"| {label}: MFU | {_percent(row.get('mfu'))} |",
+                          f"| {label}: peak memory (GiB) | {row['peak_memory_gb']:.2f} |"]
         lines += [f"| vision {v['image_size']} px: images/s | {v['images_per_s']:,.1f} |" for v in r["vision"]]
-        for g in r["generation"]:
-            lines += [f"| generate batch {g['batch']}: time to first token (s) | {g['time_to_first_token_s']:.3f} |",
-                      f"| generate batch {g['batch']}: decode tokens/s | {g['decode_tokens_per_s']:,.1f} |",
-                      f"| generate batch {g['batch']}: peak memory (GiB) | {g['peak_memory_gb']:.2f} |"]
+        for g in r["generation"] + r.get("inference_modes", []):
+            label = f"generate batch {g['batch']}, {g.get('mode', r.get('llm_dtype', ''))} {g.get('path', 'plain')}"
+            lines += [f"| {label}: time to first token (s) | {g['time_to_first_token_s']:.3f} |",
+                      f"| {label}: decode tokens/s | {g['decode_tokens_per_s']:,.1f} |",
+                      f"| {label}: peak memory (GiB) | {g['peak_memory_gb']:.2f} |"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "n/a (no peak FLOPs for this device)"
 
 
 def main(argv=None) -> dict:
