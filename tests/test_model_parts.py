@@ -226,3 +226,18 @@ def test_static_cache_decode_gives_the_same_greedy_answers():
                "<Img><ImageHere></Img> Left or right"]
     plain = model.generate(pixels, prompts, max_new_tokens=8)
     assert model.generate(pixels, prompts, max_new_tokens=8, static_cache=True) == plain
+
+
+def test_checkpoints_keep_frozen_parts_only_when_no_file_can_restore_them():
+    from tinygpt_v.models.parameters import checkpoint_parameter_names
+    model = build(**{"trainable": ["projection"]})
+    groups = parameter_groups(model)
+    everything = {n for params in groups.values() for n in params}
+    assert set(checkpoint_parameter_names(model)) == everything  # all random: all saved
+    model.model_config["vision"]["pretrained"] = "weights/eva_vit_g.pth"
+    model.model_config["llm"]["pretrained"] = "microsoft/phi-2"
+    expected = everything - set(groups["vision"]) - set(groups["llm"]) - set(groups["llm_norms"])
+    assert set(checkpoint_parameter_names(model)) == expected  # Q-Former + ln_vision still random
+    model.model_config["qformer"]["pretrained"] = "weights/blip2_pretrained_flant5xxl.pth"
+    # the connector trains; LoRA is frozen here but only a checkpoint can hold its weights
+    assert set(checkpoint_parameter_names(model)) == set(groups["projection"]) | set(groups["lora"])

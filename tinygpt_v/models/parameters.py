@@ -47,6 +47,32 @@ def _group_of(name: str, param: nn.Parameter, norm_params: set[int]) -> str:
     return "llm_norms" if id(param) in norm_params else "llm"
 
 
+# Part section -> the groups its `pretrained` source restores (BLIP-2's file carries ln_vision).
+PRETRAINED_SOURCES = {"vision": ("vision",), "qformer": ("qformer", "query_tokens", "ln_vision"),
+                      "llm": ("llm", "llm_norms")}
+
+
+def random_init_groups(model_config: dict) -> list[str]:
+    """Groups that no `pretrained` source restores: the connector and LoRA always, the others
+    when their part is built from random weights."""
+    restored = {group for part, groups in PRETRAINED_SOURCES.items() if _has_source(model_config.get(part))
+                for group in groups}
+    return [group for group in GROUPS if group not in restored]
+
+
+def _has_source(section: dict | None) -> bool:
+    return bool(section and (section.get("pretrained") or section.get("checkpoint_path")))
+
+
+def checkpoint_parameter_names(model: nn.Module) -> list[str]:
+    """What a training checkpoint holds: the trainable parameters, plus frozen ones that were
+    randomly initialised. Without the latter, a model built from random parts (the demo, the
+    tests, ablations without pretrained weights) could only be reloaded with the same seed."""
+    keep = set(random_init_groups(getattr(model, "model_config", None) or {}))
+    return [name for group, params in parameter_groups(model).items() for name, p in params.items()
+            if p.requires_grad or group in keep]
+
+
 def check_trainable(trainable: list[str], key: str = "model.trainable") -> None:
     for i, group in enumerate(trainable):
         if group not in GROUPS:

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder `<output_dir>/checkpoint_{step}/` (or `checkpoint_final/`):
 
-    model.safetensors     the trainable parameters only, under TinyGPTV's parameter names
+    model.safetensors     the trainable parameters under TinyGPTV's names, plus the frozen ones
+                          no `pretrained` file restores (random-init parts, a frozen LoRA), so a
+                          checkpoint never depends on the seed it was built with
     meta.json             {"step", "epoch", "config", "world_size", "trainable"}
     resume_state/         what an exact resume needs besides the weights:
                           optimizer / scaler / RNG states written by `accelerator.save_state`
@@ -28,6 +30,7 @@ from torch import nn
 
 from ..checkpoints import save_safetensors_atomic
 from ..checkpoints.export import FORMAT_METADATA
+from ..models.parameters import checkpoint_parameter_names
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -41,13 +44,10 @@ class ResumeError(RuntimeError):
 
 # --- writing ------------------------------------------------------------------------------------
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
 def trainable_state(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters as CPU tensors. Collective under FSDP: call on every process."""
-    names = trainable_names(accelerator.unwrap_model(model))
+    """The trainable parameters (and frozen random-init ones, see checkpoint_parameter_names) as
+    CPU tensors. Collective under FSDP: call on every process."""
+    names = checkpoint_parameter_names(accelerator.unwrap_model(model))
     full = accelerator.get_state_dict(model)
     return {name: full[name].detach().to("cpu").contiguous() for name in names}
 
@@ -70,7 +70,8 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_d
     if accelerator.is_main_process:
         save_safetensors_atomic(weights, tmp / MODEL_FILE,
                                 {**FORMAT_METADATA, "content": "trainable", "step": str(meta["step"])})
-        write_json({**meta, "trainable": sorted(weights)}, tmp / META_FILE)
+        trainable = sorted(n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad)
+        write_json({**meta, "trainable": trainable}, tmp / META_FILE)
     accelerator.save_state(str(tmp / RESUME_DIR))
     torch.save(loader.state_dict(), tmp / RESUME_DIR / f"data_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -140,7 +141,7 @@ def load_trainable(model: nn.Module, checkpoint: Path) -> None:
     exactly (a checkpoint of another stage's trainable groups is a `model.ckpt`, not a resume)."""
     tensors = load_file(str(Path(checkpoint) / MODEL_FILE))
     params = dict(model.named_parameters())
-    expected = set(trainable_names(model))
+    expected = set(checkpoint_parameter_names(model))
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ResumeError(f"{checkpoint}: its trainable parameters differ from this run's "

@@ -45,8 +45,8 @@ def toy_vqa_accuracy(model, toy_root: str, image_size: int, batch_size: int = 32
 
 
 def evaluate_checkpoint(stage_cfg, checkpoint: Path, toy_root: str) -> dict:
-    """Rebuild the stage's model (frozen random parts come back from run.seed, as in training),
-    load the checkpoint's trainable parameters and score it."""
+    """Rebuild the stage's model, load the checkpoint (trainable and random-init frozen
+    parameters) and score it."""
     from accelerate.utils import set_seed
 
     from ..models import build_model
