@@ -13,6 +13,11 @@ from tinygpt_v.models.llm import PhiDecoderLayerWithPostNorm
 from tinygpt_v.models.parameters import parameter_groups
 
 IMG_PROMPT = "<Img><ImageHere></Img> What colour is the circle?"
+# Prompts with different last words: a random 2-layer model's output depends mostly on the last
+# token, so these make its greedy answers differ from prompt to prompt.
+DISTINCT_PROMPTS = ["<Img><ImageHere></Img> What colour is the circle",
+                    "<Img><ImageHere></Img> How many shapes are there in this picture, in total",
+                    "<Img><ImageHere></Img> Left or right"]
 
 # (LoRA in the model?, trainable groups) of the paper's four stages (REFERENCE.md), plus a
 # fully unfrozen ablation so that every group is exercised as trainable at least once.
@@ -159,10 +164,7 @@ def test_switches_off_give_stock_phi_layers():
 def test_batched_greedy_generation_equals_one_prompt_at_a_time():
     model = build().eval()
     pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    # different last words: with a random 2-layer model the last token dominates the output
-    prompts = ["<Img><ImageHere></Img> What colour is the circle",
-               "<Img><ImageHere></Img> How many shapes are there in this picture, in total",
-               "<Img><ImageHere></Img> Left or right"]
+    prompts = DISTINCT_PROMPTS
     together = model.generate(pixels, prompts, max_new_tokens=8)
     alone = [model.generate(pixels[i:i + 1], [p], max_new_tokens=8)[0] for i, p in enumerate(prompts)]
     assert together == alone
@@ -221,9 +223,7 @@ def test_llm_loads_pretrained_weights_from_a_local_folder(tmp_path):
 def test_static_cache_decode_gives_the_same_greedy_answers():
     model = build().eval()
     pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    prompts = ["<Img><ImageHere></Img> What colour is the circle",
-               "<Img><ImageHere></Img> How many shapes are there in this picture, in total",
-               "<Img><ImageHere></Img> Left or right"]
+    prompts = DISTINCT_PROMPTS
     plain = model.generate(pixels, prompts, max_new_tokens=8)
     assert model.generate(pixels, prompts, max_new_tokens=8, static_cache=True) == plain
 
