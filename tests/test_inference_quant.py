@@ -31,7 +31,7 @@ def answer_logits(model, pixels, answer: str) -> torch.Tensor:
 
 
 def quantized_or_skip(mode: str):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the [quant] extra)")
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     try:
         return fresh_model(InferenceSettings(device="cpu", quantization=mode))
     except (RuntimeError, NotImplementedError) as e:  # a bitsandbytes build without CPU kernels

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import netrc
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+logger = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
@@ -24,12 +27,18 @@ CURVES_FILE = "curves.png"
 # --- trackers ----------------------------------------------------------------------------------------
 
 def tracker_names(run) -> list[str]:
-    """The accelerate trackers this run asks for and can have (a missing package is skipped)."""
+    """The accelerate trackers this run asks for and can have; a missing package is skipped
+    with a warning (metrics.jsonl and the curves PNG are written either way)."""
+    wanted = {"wandb": run.wandb and ("wandb",), "tensorboard": run.tensorboard and ("tensorboard", "tensorboardX")}
     names = []
-    if run.wandb and importlib.util.find_spec("wandb"):
-        names.append("wandb")
-    if run.tensorboard and (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
-        names.append("tensorboard")
+    for name, packages in wanted.items():
+        if not packages:
+            continue
+        if any(importlib.util.find_spec(p) for p in packages):
+            names.append(name)
+        else:
+            logger.warning("run.%s is on but %s is not installed: pip install 'tinygpt_v[logging]' "
+                           "(or set run.%s: false)", name, packages[0], name)
     return names
 
 
