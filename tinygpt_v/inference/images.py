@@ -24,7 +24,7 @@ def to_pixels(image, processor) -> torch.Tensor:
         return image.unsqueeze(0) if image.dim() == 3 else image
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as opened:
-            image = opened.convert("RGB")
+            image = opened.copy()  # the processor converts any mode (16-bit, palette...) to RGB
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
