@@ -241,3 +241,12 @@ def test_checkpoints_keep_frozen_parts_only_when_no_file_can_restore_them():
     model.model_config["qformer"]["pretrained"] = "weights/blip2_pretrained_flant5xxl.pth"
     # the connector trains; LoRA is frozen here but only a checkpoint can hold its weights
     assert set(checkpoint_parameter_names(model)) == set(groups["projection"]) | set(groups["lora"])
+
+
+def test_qformer_initializer_range_sets_the_random_init_scale():
+    narrow = build(**{"qformer.initializer_range": 0.02}).qformer
+    wide = build(**{"qformer.initializer_range": 0.5}).qformer
+    weight = "bert.encoder.layer.0.crossattention.attention.query.weight"
+    narrow_std, wide_std = (dict(q.named_parameters())[weight].std().item() for q in (narrow, wide))
+    assert narrow_std == pytest.approx(0.02, rel=0.1) and wide_std == pytest.approx(0.5, rel=0.1)
+    assert wide.query_tokens.std().item() == pytest.approx(0.5, rel=0.2)

@@ -28,13 +28,16 @@ class QFormer(nn.Module):
 @supplied_by_code("encoder_width")
 def blip2_qformer(encoder_width: int, num_query_tokens: int = 32, hidden_size: int = 768,
                   num_layers: int = 12, num_heads: int = 12, intermediate_size: int = 3072,
-                  cross_attention_frequency: int = 2, pretrained: PathOrHubId | None = None) -> QFormer:
+                  cross_attention_frequency: int = 2, initializer_range: float = 0.02,
+                  pretrained: PathOrHubId | None = None) -> QFormer:
     """BLIP-2's Q-Former. The text branch (word embeddings, text FFN, LM head) is not built:
-    TinyGPT-V only ever feeds queries, and the original deletes those weights too."""
+    TinyGPT-V only ever feeds queries, and the original deletes those weights too.
+    `initializer_range` (BERT's 0.02) matters only without pretrained weights: at that scale a
+    random Q-Former passes little of the image through, so toy-sized runs may want more."""
     config = Blip2QFormerConfig(
         hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
         intermediate_size=intermediate_size, cross_attention_frequency=cross_attention_frequency,
-        encoder_hidden_size=encoder_width, use_qformer_text_input=False,
+        encoder_hidden_size=encoder_width, use_qformer_text_input=False, initializer_range=initializer_range,
     )
     qformer = QFormer(config, num_query_tokens)
     if pretrained is not None:
