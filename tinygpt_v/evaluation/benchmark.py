@@ -103,6 +103,15 @@ def read_json(path: str) -> Any:
         raise BenchmarkDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
 
 
+def read_json_list(path: str, what: str) -> list[tuple[str, Any]]:
+    """(where, record) for each entry of a JSON file holding a list of `what`; `where` names the
+    file and the entry for error messages."""
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise BenchmarkDataError(f"{path}: expected a list of {what}")
+    return [(f"{path}: entry {i}", record) for i, record in enumerate(records)]
+
+
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, record) for every non-empty line."""
     records = []

@@ -1,15 +1,18 @@
 """Model parts and the TinyGPTV class, built from the `model:` section of a config."""
 from __future__ import annotations
 
+import importlib
 from typing import Annotated
 
 from ..config import register_section, to_plain
 from ..registry import (CONNECTORS, LLMS, QFORMERS, TOKENIZERS, VISION_ENCODERS, ConfigError, Part,
                         PathOrHubId, Section, check_kwargs)
-from . import connector, qformer, tokenizer, vision  # noqa: F401  (register the builders)
 from .llm import apply_lora, lora_settings
 from .parameters import GROUPS, check_trainable, set_trainable, trainable_table
 from .tinygpt_v import IMAGE_MARKER, TinyGPTV
+
+for _part in ("connector", "qformer", "tokenizer", "vision"):  # importing a part module registers its builders
+    importlib.import_module(f"{__name__}.{_part}")
 
 __all__ = ["TinyGPTV", "build_model", "GROUPS", "IMAGE_MARKER"]
 

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import (IMAGE_PROMPT, SHORT_ANSWER, Benchmark, BenchmarkDataError, Sample, accuracy_by,
-                         clean_reply, read_json, require)
+from ..benchmark import (IMAGE_PROMPT, SHORT_ANSWER, Benchmark, Sample, accuracy_by, clean_reply,
+                         read_json_list, require)
 from ..metrics import vqa_accuracy, vqa_accuracy_original
 
 
@@ -23,12 +23,8 @@ class LavisVQA(Benchmark):
     prompt: str = SHORT_ANSWER
 
     def load(self) -> list[Sample]:
-        records = read_json(self.annotations)
-        if not isinstance(records, list):
-            raise BenchmarkDataError(f"{self.annotations}: expected a list of questions")
         samples = []
-        for i, record in enumerate(records):
-            where = f"{self.annotations}: entry {i}"
+        for where, record in read_json_list(self.annotations, "questions"):
             answers = require(record, "answer", where, (list, str))
             samples.append(Sample(
                 id=str(require(record, "question_id", where, (int, str))),

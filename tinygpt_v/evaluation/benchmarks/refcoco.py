@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import IMAGE_PROMPT, Benchmark, BenchmarkDataError, Sample, accuracy_by, read_json, require
+from ..benchmark import (IMAGE_PROMPT, Benchmark, BenchmarkDataError, Sample, accuracy_by, read_json,
+                         read_json_list, require)
 from ..metrics import box_iou, box_iou_original, grid_to_pixels, mean_percent, parse_grid_box
 
 PROMPT = "[refer] give me the location of {}"
@@ -45,12 +46,8 @@ class RefCOCO(Benchmark):
                       target={"bbox": [float(v) for v in bbox], "width": width, "height": height})
 
     def _load_minigptv2(self) -> list[Sample]:
-        records = read_json(self.annotations)
-        if not isinstance(records, list):
-            raise BenchmarkDataError(f"{self.annotations}: expected a list of referring expressions")
         samples = []
-        for i, r in enumerate(records):
-            where = f"{self.annotations}: entry {i}"
+        for i, (where, r) in enumerate(read_json_list(self.annotations, "referring expressions")):
             sents = require(r, "sents", where, (str, list))
             image = require(r, "img_id", where, str)[:COCO_NAME_LENGTH] + ".jpg"
             for j, sentence in enumerate([sents] if isinstance(sents, str) else sents):

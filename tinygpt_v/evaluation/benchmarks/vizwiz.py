@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import (IMAGE_PROMPT, Benchmark, BenchmarkDataError, Sample, accuracy_by, clean_reply, read_json,
-                         require)
+from ..benchmark import (IMAGE_PROMPT, Benchmark, BenchmarkDataError, Sample, accuracy_by, clean_reply,
+                         read_json_list, require)
 from ..metrics import vqa_accuracy
 
 PROMPT = ("[vqa] The question is '{}' Based on the image, answer the question with a single word or phrase. "
@@ -23,12 +23,8 @@ class VizWiz(Benchmark):
     image_root: LocalPath
 
     def load(self) -> list[Sample]:
-        records = read_json(self.annotations)
-        if not isinstance(records, list):
-            raise BenchmarkDataError(f"{self.annotations}: expected a list of questions")
         samples = []
-        for i, record in enumerate(records):
-            where = f"{self.annotations}: entry {i}"
+        for where, record in read_json_list(self.annotations, "questions"):
             image = require(record, "image", where, str)
             answers = [require(a, "answer", f"{where}, answers", str) for a in require(record, "answers", where, list)]
             if not answers:
