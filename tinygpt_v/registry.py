@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import os
 import types
 import typing
@@ -59,6 +60,41 @@ class Part:
 class Section:
     """Annotated marker: the value is a section of keyword arguments for `schema`."""
     schema: Callable
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Annotated marker: a finite number within limits, e.g. `Annotated[float, Bound(gt=0)]`.
+
+    `gt`/`ge` are the lower limit (exclusive / inclusive), `lt`/`le` the upper one. NaN and
+    infinities are always refused: no setting means "infinitely many" (use null for "none")."""
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def check(self, value: Any, key: str) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return  # the type check reports it
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
+        broken = ((self.gt is not None and not value > self.gt) or (self.ge is not None and not value >= self.ge)
+                  or (self.lt is not None and not value < self.lt) or (self.le is not None and not value <= self.le))
+        if broken:
+            raise ConfigError(key, f"must be {self.describe()}, got {value}")
+
+    def describe(self) -> str:
+        low = f"> {self.gt}" if self.gt is not None else f">= {self.ge}" if self.ge is not None else ""
+        high = f"< {self.lt}" if self.lt is not None else f"<= {self.le}" if self.le is not None else ""
+        return " and ".join(part for part in (low, high) if part) or "finite"
+
+
+# Number types for builder signatures: the bound is part of the schema, checked at load time.
+PositiveFloat = Annotated[float, Bound(gt=0)]
+NonNegativeFloat = Annotated[float, Bound(ge=0)]
+PositiveInt = Annotated[int, Bound(ge=1)]
+NonNegativeInt = Annotated[int, Bound(ge=0)]
+Fraction = Annotated[float, Bound(ge=0, lt=1)]  # dropout, Adam betas
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -157,6 +193,8 @@ def check_value(value: Any, hint: Any, key: str) -> None:
                 marker.registry.check(value, key)
             elif isinstance(marker, Section):
                 check_kwargs(marker.schema, value or {}, key)
+            elif isinstance(marker, Bound):
+                marker.check(value, key)
         return
     if hint is Any or hint is inspect.Parameter.empty:
         return
@@ -196,6 +234,8 @@ def check_value(value: Any, hint: Any, key: str) -> None:
 
 def _check_scalar(value: Any, hint: Any, key: str) -> None:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):  # never a meaningful setting; it would poison every number it touches
+            raise ConfigError(key, "must be a number, got nan")
         return
     if hint is int and isinstance(value, bool):
         raise ConfigError(key, f"expected int, got {_describe(value)}")

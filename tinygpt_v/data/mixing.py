@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..config import register_section, to_plain
-from ..registry import DATASETS, ConfigError, _plain, check_kwargs
+from ..registry import DATASETS, ConfigError, PositiveFloat, PositiveInt, _plain, check_kwargs
 from .base import DEFAULT_MAX_IMAGE_PIXELS, MapDataset, StreamDataset, sample_rng
 from .images import SkipSample
 
@@ -52,8 +52,8 @@ LOADER_KEYS = ("batch_size", "sample_ratio", "builder", "max_image_pixels")
 MAX_CONSECUTIVE_SKIPS = 1000
 
 
-def _loader_options(batch_size: int, sample_ratio: float = 1.0, builder: str | None = None,
-                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+def _loader_options(batch_size: PositiveInt, sample_ratio: PositiveFloat = 1.0, builder: str | None = None,
+                    max_image_pixels: PositiveInt | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Schema of the loader's own keys in a `datasets.<entry>` section."""
 
 

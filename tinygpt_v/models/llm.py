@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.phi.modeling_phi import PhiDecoderLayer
 
-from ..registry import LLMS, ConfigError, PathOrHubId
+from ..registry import LLMS, ConfigError, Fraction, PathOrHubId, PositiveFloat, PositiveInt
 from .vision import DTYPES, Precision
 
 
@@ -132,7 +132,7 @@ def apply_lora(llm: PreTrainedModel, r: int, alpha: int, dropout: float, target_
     return get_peft_model(llm, lora_config)
 
 
-def lora_settings(r: int = 64, alpha: int = 16, dropout: float = 0.05,
+def lora_settings(r: PositiveInt = 64, alpha: PositiveFloat = 16, dropout: Fraction = 0.05,
                   target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "dense")) -> dict:
     """Schema of the `model.lora` section (the paper's values are the defaults)."""
     return {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
