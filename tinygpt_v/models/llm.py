@@ -7,6 +7,16 @@ TinyGPT-V adds two normalisations inside Phi-2 to keep small-LLM training stable
   module, so each decoder layer is rebuilt as a subclass that owns one (`post_layernorm`, the
   original's name), keeping the layer's existing submodules. It is a real module: it saves,
   loads, counts and trains like any other parameter.
+
+LoRA comes in two parametrisations (`model.lora.fused_qkv`):
+- fused (the original's): its Phi (transformers 4.36) has ONE `query_key_value` Linear, so peft
+  puts ONE adapter on q, k and v together: A (r x hidden) shared, B (3*hidden x r) with rows in
+  that layer's per-head order q_0 k_0 v_0 q_1 k_1 v_1 ... Today's Phi has separate q/k/v, so
+  each attention gets a `query_key_value` module (`FusedQKV`) that presents its q/k/v as that
+  one Linear, and peft wraps it through its custom-module API with `FusedQKVLoraLinear`. The
+  base weights keep their names (`q_proj.weight`, ...); the adapter is named as the original's
+  (`self_attn.query_key_value.lora_A.default.weight`).
+- per projection (ablation): peft's ordinary adapters on `q_proj`, `k_proj`, `v_proj`.
 """
 from __future__ import annotations
 
@@ -16,7 +26,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.models.phi.modeling_phi import PhiDecoderLayer
+from peft.tuners.lora import Linear as LoraLinear
+from transformers.models.phi.modeling_phi import (ALL_ATTENTION_FUNCTIONS, PhiAttention, PhiDecoderLayer,
+                                                  apply_rotary_pos_emb, eager_attention_forward)
 
 from ..registry import LLMS, ConfigError, Fraction, PathOrHubId, PositiveFloat, PositiveInt
 from .vision import DTYPES, Precision
@@ -125,14 +137,167 @@ def add_post_attn_norm(llm: PreTrainedModel, eps: float) -> None:
         layers[i] = layer_cls.from_layer(layer, llm.config, eps)
 
 
-def apply_lora(llm: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str]):
+# --- LoRA ---------------------------------------------------------------------------------------
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Separate q, k, v features (last dim) -> the original's fused order q_0 k_0 v_0 q_1 ..."""
+    return torch.stack([t.unflatten(-1, (heads, -1)) for t in (q, k, v)], dim=-2).flatten(-3)
+
+
+def split_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `fuse_qkv` (the original's `_split_heads`, flattened back per projection)."""
+    per_head = fused.unflatten(-1, (heads, 3, -1))
+    return tuple(per_head[..., j, :].flatten(-2) for j in range(3))
+
+
+class FusedQKV(nn.Module):
+    """An attention's q_proj, k_proj and v_proj presented as the original's one fused Linear
+    (hidden -> 3*hidden, output rows per head: q_0 k_0 v_0 q_1 k_1 v_1 ...; the original's Phi
+    splits them with Bloom's `_split_heads`, a view as (heads, 3, head_dim)).
+
+    It owns no weights: it calls the attention's own projections, looked up at every call (so
+    they keep their names, and a later quantisation or replacement of them is seen). The
+    attention is held by a plain reference, not as a child, so its weights are listed once."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "attention", attention)
+        self.num_heads = attention.config.num_attention_heads
+        self.in_features = attention.q_proj.in_features
+        self.out_features = 3 * attention.q_proj.out_features
+
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.attention.q_proj, self.attention.k_proj, self.attention.v_proj
+
+    def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fuse_qkv(q, k, v, self.num_heads)
+
+    def split(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return split_qkv(fused, self.num_heads)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fused weight (3*hidden, hidden) in the original's row order, as a new tensor (peft
+        reads a target's `weight` for its device and dtype)."""
+        q, k, v = (p.weight for p in self.projections())
+        return self.fuse(q.T, k.T, v.T).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(*(proj(x) for proj in self.projections()))
+
+
+class FusedQKVLoraLinear(LoraLinear):
+    """peft's LoRA Linear over a `FusedQKV` target: forward is peft's own (base output + B A x,
+    both in the fused row order); merging adds each projection's rows of B A to its weight."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.lora_A:
+                self._add_delta(adapter, +1.0, safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                self._add_delta(adapter, -1.0, False)
+
+    @torch.no_grad()
+    def _add_delta(self, adapter: str, sign: float, safe: bool) -> None:
+        fused = self.get_base_layer()
+        delta = self.get_delta_weight(adapter)  # (3*hidden, hidden), fused row order
+        parts = fused.split(delta.T)
+        if safe and not all(torch.isfinite(part).all() for part in parts):
+            raise ValueError(f"NaNs or infs in the merged weights of adapter '{adapter}'")
+        for proj, part in zip(fused.projections(), parts):
+            proj.weight.data += sign * part.T.to(proj.weight.dtype)
+
+
+class PhiAttentionFusedQKV(PhiAttention):
+    """Phi attention that takes q, k, v from its `query_key_value` (a `FusedQKV`), so a LoRA on
+    that module acts on all three together, as in the original. The rest is PhiAttention's."""
+
+    @classmethod
+    def from_attention(cls, attention: PhiAttention) -> "PhiAttentionFusedQKV":
+        with torch.device("meta"):
+            new = cls(attention.config, attention.layer_idx)
+        for name, child in attention.named_children():
+            setattr(new, name, child)
+        new.query_key_value = FusedQKV(new)
+        return new.train(attention.training)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query_states, key_states, value_states = (
+            t.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            for t in split_qkv(self.query_key_value(hidden_states), self.config.num_attention_heads))
+        if self.qk_layernorm:
+            query_states = self.q_layernorm(query_states)
+            key_states = self.k_layernorm(key_states)
+        cos, sin = position_embeddings
+        rot = self.rotary_ndims  # partial rotary embedding
+        query_rot, key_rot = apply_rotary_pos_emb(query_states[..., :rot], key_states[..., :rot], cos, sin)
+        query_states = torch.cat((query_rot, query_states[..., rot:]), dim=-1)
+        key_states = torch.cat((key_rot, key_states[..., rot:]), dim=-1)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                    eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.dense(attn_output), attn_weights
+
+
+# model_type -> attention class with a fused q/k/v LoRA target.
+FUSED_QKV_ATTENTIONS: dict[str, type] = {"phi": PhiAttentionFusedQKV}
+FUSED_QKV_TARGET = "query_key_value"
+
+
+def add_fused_qkv(llm: PreTrainedModel) -> None:
+    """Give every attention a `query_key_value` module (see FusedQKV), in place."""
+    attention_cls = FUSED_QKV_ATTENTIONS.get(llm.config.model_type)
+    if attention_cls is None:
+        raise ConfigError("model.lora.fused_qkv", f"not available for model_type '{llm.config.model_type}'; "
+                                                  f"supported: {sorted(FUSED_QKV_ATTENTIONS)}")
+    for layer in llm.get_decoder().layers:
+        layer.self_attn = attention_cls.from_attention(layer.self_attn)
+
+
+def apply_lora(llm: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str],
+               fused_qkv: bool = False):
     """Wrap the LLM with peft LoRA adapters; the base weights are left untouched."""
     lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                              target_modules=list(target_modules), task_type="CAUSAL_LM")
+    if fused_qkv:
+        if getattr(llm, "is_quantized", False):
+            raise ConfigError("model.lora.fused_qkv", "a fused q/k/v adapter needs an unquantised LLM; "
+                                                      "set fused_qkv: false to train LoRA on a quantised one")
+        add_fused_qkv(llm)
+        lora_config._register_custom_module({FusedQKV: FusedQKVLoraLinear})  # peft's API for custom targets
     return get_peft_model(llm, lora_config)
 
 
-def lora_settings(r: PositiveInt = 64, alpha: PositiveFloat = 16, dropout: Fraction = 0.05,
-                  target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "dense")) -> dict:
-    """Schema of the `model.lora` section (the paper's values are the defaults)."""
-    return {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
+SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def lora_settings(r: int = 64, alpha: int = 16, dropout: float = 0.05, fused_qkv: bool = True,
+                  target_modules: list[str] | None = None) -> dict:
+    """Schema of the `model.lora` section (the paper's values are the defaults).
+
+    `fused_qkv: true` (the original's): ONE adapter over q, k and v together (target
+    `query_key_value`) plus one on `dense`. `false`: separate adapters on q_proj, k_proj, v_proj."""
+    if target_modules is None:
+        target_modules = [FUSED_QKV_TARGET, "dense"] if fused_qkv else [*SEPARATE_QKV, "dense"]
+    if fused_qkv and set(SEPARATE_QKV) & set(target_modules):
+        raise ConfigError("model.lora.target_modules", f"with fused_qkv: true, q/k/v are one target, "
+                                                       f"'{FUSED_QKV_TARGET}'; got {list(target_modules)}")
+    if not fused_qkv and FUSED_QKV_TARGET in target_modules:
+        raise ConfigError("model.lora.target_modules", f"'{FUSED_QKV_TARGET}' exists only with fused_qkv: true")
+    return {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules),
+            "fused_qkv": fused_qkv}

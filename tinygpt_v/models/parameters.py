@@ -3,6 +3,12 @@
 Every parameter of TinyGPTV belongs to exactly one group. A stage config says, for example,
 `trainable: [projection, llm_norms, lora]`; everything else is frozen. Trainable parameters
 are kept in fp32 whatever the dtype of the frozen weights around them.
+
+`llm_norms` holds the WEIGHTS of every norm in the LLM (input_layernorm, q_layernorm,
+k_layernorm, post_layernorm, final_layernorm), exactly what the original trains
+(`base_model.init_llm` sets requires_grad on `.weight` only). The LayerNorm biases are a group
+of their own, `llm_norm_biases`, frozen unless a config asks for them: the original never
+trains them, so its checkpoints do not hold them.
 """
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from torch import nn
 
 from ..registry import ConfigError
 
-GROUPS = ("vision", "ln_vision", "qformer", "query_tokens", "projection", "llm_norms", "lora", "llm")
+GROUPS = ("vision", "ln_vision", "qformer", "query_tokens", "projection", "llm_norms", "llm_norm_biases", "lora",
+          "llm")
 
 # Module prefix -> group, checked in order (the first match wins).
 _PREFIX_GROUPS = (
@@ -44,12 +51,14 @@ def _group_of(name: str, param: nn.Parameter, norm_params: set[int]) -> str:
         raise KeyError(f"parameter '{name}' belongs to no group; add its prefix to _PREFIX_GROUPS")
     if ".lora_" in name:
         return "lora"
-    return "llm_norms" if id(param) in norm_params else "llm"
+    if id(param) not in norm_params:
+        return "llm"
+    return "llm_norm_biases" if name.endswith(".bias") else "llm_norms"
 
 
 # Part section -> the groups its `pretrained` source restores (BLIP-2's file carries ln_vision).
 PRETRAINED_SOURCES = {"vision": ("vision",), "qformer": ("qformer", "query_tokens", "ln_vision"),
-                      "llm": ("llm", "llm_norms")}
+                      "llm": ("llm", "llm_norms", "llm_norm_biases")}
 
 
 def random_init_groups(model_config: dict) -> list[str]:
@@ -88,11 +97,17 @@ def set_trainable(model: nn.Module, trainable: list[str]) -> dict[str, dict[str,
             raise ConfigError("model.trainable", f"group '{group}' has no parameters in this model "
                                                  f"(e.g. `lora` needs a `model.lora` section)")
     for group, params in groups.items():
+        in_fp32 = group in trainable or FP32_BESIDE.get(group) in trainable
         for param in params.values():
             param.requires_grad_(group in trainable)
-            if group in trainable and param.is_floating_point():
+            if in_fp32 and param.is_floating_point():
                 param.data = param.data.float()
     return groups
+
+
+# Frozen groups kept in fp32 when another group trains: a norm's bias must share its trainable
+# weight's dtype (the original casts the frozen biases to fp32 too, `base_model.init_llm`).
+FP32_BESIDE = {"llm_norm_biases": "llm_norms"}
 
 
 def trainable_table(groups: dict[str, dict[str, nn.Parameter]]) -> str:
