@@ -286,7 +286,7 @@ def apply_lora(llm: PreTrainedModel, r: int, alpha: int, dropout: float, target_
 SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def lora_settings(r: int = 64, alpha: int = 16, dropout: float = 0.05, fused_qkv: bool = True,
+def lora_settings(r: PositiveInt = 64, alpha: PositiveFloat = 16, dropout: Fraction = 0.05, fused_qkv: bool = True,
                   target_modules: list[str] | None = None) -> dict:
     """Schema of the `model.lora` section (the paper's values are the defaults).
 
