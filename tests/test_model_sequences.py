@@ -63,18 +63,51 @@ def test_template_wraps_every_turn_and_later_turns_start_with_masked_bos(tiny_mo
     answer2 = tok(m, "Blue.###")
     assert seq.ids == turn1 + answer1 + turn2 + answer2
     assert seq.labels == [IGNORE] * len(turn1) + answer1 + [IGNORE] * len(turn2) + answer2
+    # the original's conversation mask is `ids != pad`, and Phi-2's pad is its BOS: the later
+    # BOS is not attended to; the first one (and the image slots) are
+    expected_mask = [1] * len(turn1 + answer1) + [0] + [1] * (len(turn2) - 1 + len(answer2))
+    assert seq.mask == expected_mask
 
 
-def test_answers_are_cut_at_max_txt_len_and_context_at_max_context_len(tiny_model):
+def test_conversation_is_cut_at_max_txt_len_over_all_regressed_turns(tiny_model):
+    m = tiny_model
+    n_img = m.qformer.query_tokens.shape[1]
+    full = m.build_sequence([IMG_PROMPT, "And the square?", "And the star?"], ["Red.", "Blue.", "Green."], n_img)
+    prompt_len = 1 + len(m._prompt_part(IMG_PROMPT, n_img).ids)
+    m.max_txt_len = 7  # cuts inside the second question: answer 1 stays whole, nothing of turn 3
+    seq = m.build_sequence([IMG_PROMPT, "And the square?", "And the star?"], ["Red.", "Blue.", "Green."], n_img)
+    assert len(seq.ids) == prompt_len + 7
+    assert seq.ids == full.ids[:prompt_len + 7] and seq.labels == full.labels[:prompt_len + 7]
+    assert seq.mask == full.mask[:prompt_len + 7]
+
+
+def test_answers_are_cut_at_max_txt_len_and_prompts_at_max_context_len(tiny_model):
     m = tiny_model
     n_img = m.qformer.query_tokens.shape[1]
     long_answer = " ".join(["circle"] * 100)
     m.max_txt_len = 5
     seq = m.build_sequence([IMG_PROMPT], [long_answer], n_img)
     assert [t for t in seq.labels if t != IGNORE] == tok(m, long_answer + "\n")[:5]
-    m.max_txt_len, m.max_context_len = 1000, 20
-    seq = m.build_sequence([IMG_PROMPT], [long_answer], n_img)
-    assert len(seq.ids) == len(seq.labels) == len(seq.is_image) == 20
+    assert not seq.prompt_truncated
+
+
+def test_a_prompt_longer_than_max_context_len_keeps_its_answer(tiny_model):
+    """Issue 13 item 4: the original caps the prompt part, never the answer; a sample whose
+    prompt is too long still trains on its answer (no loss of exactly 0.0)."""
+    m = tiny_model.eval()
+    n_img = m.qformer.query_tokens.shape[1]
+    long_prompt = IMG_PROMPT + " " + " ".join(["square"] * 300)
+    m.max_context_len = 20
+    seq = m.build_sequence([long_prompt], ["red"], n_img)
+    answer = tok(m, "red\n")
+    assert seq.prompt_truncated
+    assert len(seq.ids) == 1 + 20 + len(answer)
+    assert seq.ids[-len(answer):] == answer and seq.labels[-len(answer):] == answer
+    assert seq.ids[:21] == m.build_sequence([long_prompt], ["red"], n_img).ids[:21]
+    m.num_truncated_prompts = 0
+    out = m({"image": images(1), "prompt": [[long_prompt]], "answer": [["red"]]})
+    assert out["num_target_tokens"] == len(answer) and out["loss"].item() > 0
+    assert m.num_truncated_prompts == 1
 
 
 def test_right_padding_never_contributes_to_the_loss(tiny_model):

@@ -1,21 +1,29 @@
 """TinyGPTV: vision encoder -> ln_vision -> Q-Former -> connector -> causal LM.
 
-The text/image splice follows the original: a prompt holds the literal `<ImageHere>`; text on
-either side is tokenised without special tokens, and the image embeddings (32 with a
-Q-Former) take the marker's place. A training sequence is
+The text/image splice follows the original (its `minigpt_base`): a prompt holds the literal
+`<ImageHere>`; text on either side is tokenised without special tokens, and the image
+embeddings (32 with a Q-Former) take the marker's place. A training sequence is
 
-    [BOS] template(prompt_1) answer_1 end_sym  [BOS] template(prompt_2) answer_2 end_sym ...
+    [BOS] template(prompt_1) | answer_1 end_sym [BOS] template(prompt_2) answer_2 end_sym ...
 
-and only answer + end_sym tokens are targets. Training batches are right padded; generation
-batches are left padded so every prompt ends where generation starts.
+where everything right of `|` is the "regressed" part: answers are targets, later questions
+(each after its own BOS) are not. As in the original, the prompt part is capped at
+`max_context_len` tokens and the regressed part at `max_txt_len` tokens (all turns together),
+so an over-long prompt never cuts the answer away. In a conversation (several turns) the
+later BOS tokens get attention mask 0, because the original masks every id equal to the pad
+id there and Phi-2's pad = BOS = EOS. Training batches are right padded; generation batches
+are left padded so every prompt ends where generation starts.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<ImageHere>"
 IGNORE = -100
@@ -23,23 +31,34 @@ IGNORE = -100
 
 @dataclass
 class TokenSequence:
-    """One sample as token ids; image positions hold a placeholder id and are flagged."""
+    """One sample as token ids; image positions hold a placeholder id and are flagged.
+    `mask` is the attention mask of each position (0 only for a conversation's later BOS)."""
     ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     is_image: list[bool] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    prompt_truncated: bool = False
 
-    def add_text(self, ids: list[int], is_target: bool = False) -> None:
+    def add_text(self, ids: list[int], is_target: bool = False, mask: list[int] | None = None) -> None:
         self.ids += ids
         self.labels += ids if is_target else [IGNORE] * len(ids)
         self.is_image += [False] * len(ids)
+        self.mask += mask if mask is not None else [1] * len(ids)
 
     def add_image(self, num_tokens: int, placeholder: int) -> None:
         self.ids += [placeholder] * num_tokens
         self.labels += [IGNORE] * num_tokens
         self.is_image += [True] * num_tokens
+        self.mask += [1] * num_tokens
+
+    def extend(self, other: "TokenSequence") -> None:
+        self.ids += other.ids
+        self.labels += other.labels
+        self.is_image += other.is_image
+        self.mask += other.mask
 
     def truncate(self, length: int) -> None:
-        del self.ids[length:], self.labels[length:], self.is_image[length:]
+        del self.ids[length:], self.labels[length:], self.is_image[length:], self.mask[length:]
 
 
 class TinyGPTV(nn.Module):
@@ -58,6 +77,7 @@ class TinyGPTV(nn.Module):
         self.max_txt_len = max_txt_len
         self.max_context_len = max_context_len
         self.frozen_parts: tuple[str, ...] = ()
+        self.num_truncated_prompts = 0  # prompts cut at max_context_len so far (see _note_truncated)
 
     # --- images ----------------------------------------------------------------------------
 
@@ -87,25 +107,64 @@ class TinyGPTV(nn.Module):
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _add_prompt(self, seq: TokenSequence, prompt: str, num_image_tokens: int) -> None:
+    def _prompt_part(self, prompt: str, num_image_tokens: int) -> TokenSequence:
+        """The conditioning part: text around `<ImageHere>` (no special tokens) + image slots."""
+        seq = TokenSequence()
         before, marker, after = prompt.partition(IMAGE_MARKER)
         seq.add_text(self._tokens(before))
         if marker:
             seq.add_image(num_image_tokens, self.tokenizer.pad_token_id)
             seq.add_text(self._tokens(after))
+        return seq
+
+    def _regressed_part(self, prompts: list[str], answers: list[str], add_end_sym: bool) -> TokenSequence:
+        """What follows the first prompt, as the original's `preparing_embedding` builds it.
+
+        One turn: answer + end_sym, ids equal to the pad id are no target (its tokenizer call
+        with `masked_fill(ids == pad, -100)`). Several turns (`tokenize_conversation`):
+        answer_1 end_sym [BOS] prompt_2 answer_2 end_sym ..., attention mask `ids != pad`, so
+        each later BOS is masked out as well (Phi-2: pad = BOS)."""
+        end = self.end_sym if add_end_sym else ""
+        pad = self.tokenizer.pad_token_id
+        seq = TokenSequence()
+        if len(prompts) == 1:
+            ids = self._tokens(answers[0] + end)
+            seq.add_text(ids, is_target=True)
+            seq.labels = [IGNORE if t == pad else t for t in ids]
+            return seq
+        for turn, answer in enumerate(answers):
+            if turn > 0:
+                question = [self.tokenizer.bos_token_id] + self._tokens(prompts[turn])
+                seq.add_text(question, mask=[int(t != pad) for t in question])
+            ids = self._tokens(answer + end)
+            seq.add_text(ids, is_target=True, mask=[int(t != pad) for t in ids])
+        return seq
 
     def build_sequence(self, prompts: list[str], answers: list[str] | None, num_image_tokens: int,
                        apply_template: bool = True, add_end_sym: bool = True) -> TokenSequence:
-        """Token sequence of one sample. `answers=None` gives a generation prompt."""
+        """Token sequence of one sample. `answers=None` gives a generation prompt.
+
+        Training: [BOS] + prompt part capped at `max_context_len` (the original's prompt_wrap)
+        + regressed part capped at `max_txt_len` (its tokenizer truncation), so the answer
+        always survives a long prompt. A generation prompt is not cut (the original's
+        `generate` does not cut it either; callers keep conversations short)."""
+        if apply_template:
+            prompts = [self.prompt_template.format(p) for p in prompts]
         seq = TokenSequence()
-        for turn, prompt in enumerate(prompts):
-            seq.add_text([self.tokenizer.bos_token_id])  # every turn starts with BOS, masked
-            self._add_prompt(seq, self.prompt_template.format(prompt) if apply_template else prompt,
-                             num_image_tokens)
-            if answers is not None:
-                answer = answers[turn] + (self.end_sym if add_end_sym else "")
-                seq.add_text(self._tokens(answer)[: self.max_txt_len], is_target=True)
-        seq.truncate(self.max_context_len)
+        seq.add_text([self.tokenizer.bos_token_id])
+        first = self._prompt_part(prompts[0], num_image_tokens)
+        if answers is None:
+            if len(prompts) != 1:
+                raise ValueError("a generation prompt is one string (a conversation is written into it)")
+            seq.extend(first)
+            return seq
+        if len(first.ids) > self.max_context_len:
+            first.truncate(self.max_context_len)
+            seq.prompt_truncated = True
+        seq.extend(first)
+        regressed = self._regressed_part(prompts, answers, add_end_sym)
+        regressed.truncate(self.max_txt_len)
+        seq.extend(regressed)
         return seq
 
     @staticmethod
@@ -120,8 +179,9 @@ class TinyGPTV(nn.Module):
 
     # --- batches -----------------------------------------------------------------------------
 
-    def _embed(self, seqs: list[TokenSequence], images: torch.Tensor | None, left_pad: bool):
-        """Pad sequences, embed tokens, and write image embeddings into their slots."""
+    def pad_batch(self, seqs: list[TokenSequence], left_pad: bool = False):
+        """(ids, labels, attention mask, image slots), each (B, L), padded with the pad id /
+        IGNORE / 0 / False on the right (training) or the left (generation)."""
         length = max(len(s.ids) for s in seqs)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(seqs), length), pad, dtype=torch.long)
@@ -131,12 +191,16 @@ class TinyGPTV(nn.Module):
         for i, s in enumerate(seqs):
             span = slice(length - len(s.ids), length) if left_pad else slice(0, len(s.ids))
             ids[i, span], labels[i, span] = torch.tensor(s.ids), torch.tensor(s.labels)
-            mask[i, span], slots[i, span] = 1, torch.tensor(s.is_image, dtype=torch.bool)
-        ids, labels, mask, slots = (t.to(self.device) for t in (ids, labels, mask, slots))
+            mask[i, span], slots[i, span] = torch.tensor(s.mask), torch.tensor(s.is_image, dtype=torch.bool)
+        return ids, labels, mask, slots
+
+    def _embed(self, seqs: list[TokenSequence], images: torch.Tensor | None, left_pad: bool):
+        """Pad sequences, embed tokens, and write image embeddings into their slots."""
+        ids, labels, mask, slots = (t.to(self.device) for t in self.pad_batch(seqs, left_pad))
         embeds = self.llm.get_input_embeddings()(ids)
         if images is not None:
             image_embeds = self.encode_image(images)
-            for i in range(len(seqs)):  # truncation may have cut part of an image: take what fits
+            for i in range(len(seqs)):  # a capped prompt may have cut part of an image: take what fits
                 embeds[i, slots[i]] = image_embeds[i, : int(slots[i].sum())].to(embeds.dtype)
         return embeds, mask, labels
 
@@ -151,7 +215,18 @@ class TinyGPTV(nn.Module):
         self.check_markers(prompts, images is not None)
         n_image = self.num_image_tokens(images)
         seqs = [self.build_sequence(p, a, n_image, add_end_sym=add_end_sym) for p, a in zip(prompts, answers)]
+        self._note_truncated(sum(s.prompt_truncated for s in seqs))
         return self._embed(seqs, images, left_pad=False)
+
+    def _note_truncated(self, count: int) -> None:
+        """Prompts cut at max_context_len (their answers kept): counted and logged, never silent."""
+        if not count:
+            return
+        before = self.num_truncated_prompts
+        self.num_truncated_prompts += count
+        if before < 5 or before // 1000 != self.num_truncated_prompts // 1000:
+            log.warning("%d prompt(s) longer than max_context_len=%d were cut to it, keeping their answers "
+                        "(%d so far)", count, self.max_context_len, self.num_truncated_prompts)
 
     def forward(self, batch: dict) -> dict:
         """Batch from the data collate: `image` (B,3,S,S) or None, `prompt` and `answer` as
