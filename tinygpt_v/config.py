@@ -22,6 +22,9 @@ OPTIONS = "--options"  # provenance label for command-line overrides
 
 # Section checkers: name -> fn(section, key). Packages register theirs on import.
 _SECTION_CHECKERS: dict[str, Callable[[object, str], None]] = {}
+# Checks across sections (e.g. the data's image size against the model's): fn(whole config as a
+# plain dict), run after every section passed its own checker.
+_CONFIG_CHECKERS: list[Callable[[dict], None]] = []
 
 
 def register_section(name: str) -> Callable:
@@ -29,6 +32,13 @@ def register_section(name: str) -> Callable:
         _SECTION_CHECKERS[name] = fn
         return fn
     return add
+
+
+def register_config_check(fn: Callable[[dict], None]) -> Callable[[dict], None]:
+    """Register a check that needs several sections; it raises ConfigError naming a key."""
+    if fn not in _CONFIG_CHECKERS:
+        _CONFIG_CHECKERS.append(fn)
+    return fn
 
 
 def load_config(path: str | os.PathLike, options: Iterable[str] = (), validate: bool = True) -> DictConfig:
@@ -59,6 +69,9 @@ def validate_config(cfg: DictConfig, provenance: Mapping[str, str] | None = None
                 known = ", ".join(sorted(_SECTION_CHECKERS))
                 raise ConfigError(str(name), f"unknown top-level section; allowed: {known}")
             _SECTION_CHECKERS[name](cfg[name], str(name))
+        plain = to_plain(cfg)
+        for check in _CONFIG_CHECKERS:
+            check(plain)
     except ConfigError as e:
         raise e.with_file(file_of(e.key, provenance)) from None
 

@@ -84,8 +84,9 @@ class Bound:
             raise ConfigError(key, f"must be {self.describe()}, got {value}")
 
     def describe(self) -> str:
-        low = f"> {self.gt}" if self.gt is not None else f">= {self.ge}" if self.ge is not None else ""
-        high = f"< {self.lt}" if self.lt is not None else f"<= {self.le}" if self.le is not None else ""
+        low = (f"greater than {self.gt}" if self.gt is not None else f"at least {self.ge}" if self.ge is not None
+               else "")
+        high = f"less than {self.lt}" if self.lt is not None else f"at most {self.le}" if self.le is not None else ""
         return " and ".join(part for part in (low, high) if part) or "finite"
 
 

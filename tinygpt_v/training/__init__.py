@@ -10,6 +10,7 @@ only when a run starts.
     train(load_config("train_configs/stage1.yaml"))       # -> Path of checkpoint_final
 """
 from . import schedules  # noqa: F401  (registers the lr schedules before the run checker reads them)
+from . import preflight  # noqa: F401  (registers the checks across model / datasets / run)
 from .checkpointing import ResumeError, latest_checkpoint, list_checkpoints, load_trainable, read_meta
 from .pipeline import check_pipeline_section, is_pipeline_file, run_pipeline
 from .settings import RunSettings, check_run_section, read_run_settings, run_schema

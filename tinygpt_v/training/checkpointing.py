@@ -21,16 +21,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.checkpointing import load_accelerator_state
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 from torch import nn
 
 from ..checkpoints import save_safetensors_atomic
 from ..checkpoints.export import FORMAT_METADATA
-from ..models.parameters import checkpoint_parameter_names
+from ..models.parameters import checkpoint_parameter_names, parameter_groups
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -103,21 +106,50 @@ def exclude_model_from_accelerate_state(accelerator: Accelerator) -> None:
 
 # --- finding and pruning --------------------------------------------------------------------------
 
+class MetaError(ValueError):
+    """meta.json is missing, unreadable or lacks its step."""
+
+
 def read_meta(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / META_FILE).read_text())
+    path = Path(checkpoint) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        int(meta["step"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise MetaError(f"{path}: unreadable checkpoint description ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def _checkpoint_folders(output_dir: Path) -> list[Path]:
+    if not Path(output_dir).is_dir():
+        return []
+    return [folder for folder in Path(output_dir).iterdir()
+            if folder.name.startswith("checkpoint_") and (folder / META_FILE).is_file()]
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the complete checkpoints in output_dir, oldest first; hidden
-    (in-progress or interrupted) folders are not checkpoints."""
+    (in-progress or interrupted) folders are not checkpoints, nor are folders whose meta.json
+    cannot be read (see `unreadable_checkpoints`)."""
     found = []
-    if not Path(output_dir).is_dir():
-        return found
-    for folder in Path(output_dir).iterdir():
-        if folder.name.startswith("checkpoint_") and (folder / META_FILE).is_file():
+    for folder in _checkpoint_folders(output_dir):
+        try:
             found.append((int(read_meta(folder)["step"]), folder))
+        except MetaError:
+            continue
     # at equal steps checkpoint_final sorts last, so "latest" prefers it
     return sorted(found, key=lambda item: (item[0], item[1].name == FINAL))
+
+
+def unreadable_checkpoints(output_dir: Path) -> list[str]:
+    """One message per checkpoint folder whose meta.json is damaged (a torn write, a full disk)."""
+    problems = []
+    for folder in _checkpoint_folders(output_dir):
+        try:
+            read_meta(folder)
+        except MetaError as e:
+            problems.append(str(e))
+    return problems
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -132,6 +164,74 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> list[Path]:
     for folder in doomed:
         shutil.rmtree(folder)
     return doomed
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to a hidden `.checkpoint_N.damaged[-k]` folder: no longer found,
+    resumed or counted by `keep_last` pruning, but kept for the user to look at."""
+    target = checkpoint.with_name(f".{checkpoint.name}.damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f".{checkpoint.name}.damaged-{n}")
+    os.rename(checkpoint, target)
+    return target
+
+
+# --- checking before reading ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    """A file of a checkpoint that is missing or cannot be read."""
+    file: Path
+    reason: str
+    essential: bool  # the weights or the description: no resume without it, inexact or not
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
+def resume_files(checkpoint: Path, world_size: int, optimizer: bool = True, scaler: bool = False) -> list[Path]:
+    """The resume-state files an exact resume reads (accelerate's names)."""
+    folder = Path(checkpoint) / RESUME_DIR
+    files = [folder / "optimizer.bin"] if optimizer else []
+    files += [folder / "scaler.pt"] if scaler else []
+    files += [folder / f"random_states_{rank}.pkl" for rank in range(world_size)]
+    files += [folder / f"data_rank{rank}.pt" for rank in range(world_size)]
+    return files
+
+
+def checkpoint_problems(checkpoint: Path, optimizer: bool = True, scaler: bool = False) -> list[Problem]:
+    """Read every file a resume needs, applying nothing; one Problem per file that fails.
+
+    `optimizer`: whether optimizer.bin is ours to check (FSDP / DeepSpeed write their own layout)."""
+    checkpoint = Path(checkpoint)
+    try:
+        meta = read_meta(checkpoint)
+    except MetaError as e:
+        return [Problem(checkpoint / META_FILE, str(e).split(": ", 1)[1], essential=True)]
+    problems = []
+    weights = checkpoint / MODEL_FILE
+    try:
+        load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for a torn file
+        problems.append(Problem(weights, _reason(e), essential=True))
+    if not (checkpoint / RESUME_DIR).is_dir():
+        return problems + [Problem(checkpoint / RESUME_DIR, "missing: the checkpoint holds weights only (it can "
+                                   "start a new stage as model.ckpt but cannot be resumed)", essential=True)]
+    for file in resume_files(checkpoint, int(meta.get("world_size", 1)), optimizer, scaler):
+        try:
+            accelerate_load(file, map_location="cpu")
+        except Exception as e:
+            problems.append(Problem(file, _reason(e), essential=False))
+    return problems
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "missing"
+    text = " ".join(str(error).split())
+    return f"unreadable, damaged or truncated ({type(error).__name__}: {text[:200]})"
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -153,19 +253,65 @@ def load_trainable(model: nn.Module, checkpoint: Path) -> None:
             params[name].copy_(tensor)
 
 
-def load_resume_state(accelerator: Accelerator, model: nn.Module, loader, checkpoint: Path) -> dict:
-    """Restore weights, optimiser, scaler, RNGs and data position; returns the checkpoint's meta."""
+def check_same_run(accelerator: Accelerator, model: nn.Module, checkpoint: Path, meta: dict) -> None:
+    """What a resume cannot change: the number of processes, and which parameters train."""
+    if meta.get("world_size", 1) != accelerator.num_processes:
+        raise ResumeError(f"{checkpoint} was written by {meta.get('world_size', 1)} processes; resume it with "
+                         f"the same number (now {accelerator.num_processes}) so every data shard continues "
+                         f"where it stopped")
+    model = accelerator.unwrap_model(model)
+    now = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    if "trainable" in meta and meta["trainable"] != now:
+        raise ResumeError(f"model.trainable changed since {checkpoint} was written: "
+                         f"{_trainable_change(model, meta, now)}. A resume continues the same optimiser over "
+                         f"the same parameters; to train other groups, start a new run (another run.output_dir) "
+                         f"with model.ckpt={checkpoint}")
+
+
+def _trainable_change(model: nn.Module, meta: dict, now: list[str]) -> str:
+    """'groups added [lora], removed [llm_norms]' from the groups of the parameter names."""
+    groups_of = {name: group for group, params in parameter_groups(model).items() for name in params}
+    before = {groups_of.get(name, name) for name in meta["trainable"]}
+    after = {groups_of.get(name, name) for name in now}
+    added, removed = sorted(after - before), sorted(before - after)
+    if not added and not removed:
+        return "the same groups, but other parameters in them (was the model section changed?)"
+    return f"groups added {added}, removed {removed} (then: {sorted(before)}, now: {sorted(after)})"
+
+
+def load_resume_state(accelerator: Accelerator, model: nn.Module, loader, checkpoint: Path,
+                      missing: list[Path] = (), optimizer=None) -> dict:
+    """Restore weights, optimiser, scaler, RNGs and data position; returns the checkpoint's meta.
+
+    `missing`: resume-state files known to be absent or unreadable (an inexact resume, see
+    `run.resume_inexact`); what they hold starts afresh, everything else is restored (then
+    `optimizer` is the prepared optimiser to restore)."""
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     if not (checkpoint / RESUME_DIR).is_dir():
         raise ResumeError(f"{checkpoint} holds weights only (no {RESUME_DIR}/): it can start a new stage "
                          f"as model.ckpt but cannot be resumed")
-    if meta.get("world_size", 1) != accelerator.num_processes:
-        raise ResumeError(f"{checkpoint} was written by {meta.get('world_size', 1)} processes; resume it with "
-                         f"the same number (now {accelerator.num_processes}) so every data shard continues "
-                         f"where it stopped")
+    check_same_run(accelerator, model, checkpoint, meta)
     load_trainable(accelerator.unwrap_model(model), checkpoint)
-    accelerator.load_state(str(checkpoint / RESUME_DIR))
-    data_state = torch.load(checkpoint / RESUME_DIR / f"data_rank{accelerator.process_index}.pt", weights_only=True)
-    loader.load_state_dict(data_state)
+    folder, rank = checkpoint / RESUME_DIR, accelerator.process_index
+    if not missing:
+        accelerator.load_state(str(folder))
+    else:
+        _load_available_state(accelerator, optimizer, folder, set(map(Path, missing)))
+    data_file = folder / f"data_rank{rank}.pt"
+    if data_file not in set(map(Path, missing)):
+        loader.load_state_dict(torch.load(data_file, weights_only=True))
+    else:  # the mix of datasets continues; each dataset's position starts its epoch again
+        loader.step = int(meta["step"]) * int(meta.get("config", {}).get("run", {}).get("accum_grad_iters", 1))
     return meta
+
+
+def _load_available_state(accelerator: Accelerator, optimizer, folder: Path, missing: set[Path]) -> None:
+    """The parts of `accelerator.load_state` whose files are there (single process / DDP layout)."""
+    optimizer_file, scaler_file = folder / "optimizer.bin", folder / "scaler.pt"
+    if optimizer_file not in missing and optimizer is not None:
+        optimizer.load_state_dict(accelerate_load(optimizer_file, map_location="cpu"))
+    if accelerator.scaler is not None and scaler_file not in missing:
+        accelerator.scaler.load_state_dict(accelerate_load(scaler_file))
+    if folder / f"random_states_{accelerator.process_index}.pkl" not in missing:
+        load_accelerator_state(str(folder), [], [], [], [], accelerator.process_index)

@@ -10,41 +10,46 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from ..config import register_section, to_plain
-from ..registry import LR_SCHEDULES, ConfigError, LocalPath, check_kwargs
+from ..registry import (LR_SCHEDULES, Bound, ConfigError, Fraction, LocalPath, NonNegativeFloat, NonNegativeInt,
+                        PositiveFloat, PositiveInt, check_kwargs)
+
+# numpy's seed must be below 2**32 and accelerate seeds process r with seed + r
+Seed = Annotated[int, Bound(ge=0, lt=2**31)]
 
 
 def run_schema(
     output_dir: str,
-    max_epoch: int,
-    iters_per_epoch: int,
-    init_lr: float,
+    max_epoch: PositiveInt,
+    iters_per_epoch: PositiveInt,
+    init_lr: PositiveFloat,
     lr_sched: str = "linear_warmup_cosine_lr",
-    min_lr: float = 0.0,
-    warmup_lr: float | None = None,
-    warmup_steps: int = 0,
-    decay_rate: float = 1.0,
-    weight_decay: float = 0.05,
-    beta2: float = 0.999,
-    accum_grad_iters: int = 1,
-    max_grad_norm: float | None = None,
+    min_lr: NonNegativeFloat = 0.0,
+    warmup_lr: NonNegativeFloat | None = None,
+    warmup_steps: NonNegativeInt = 0,
+    decay_rate: PositiveFloat = 1.0,
+    weight_decay: NonNegativeFloat = 0.05,
+    beta2: Fraction = 0.999,
+    accum_grad_iters: PositiveInt = 1,
+    max_grad_norm: PositiveFloat | None = None,
     mixed_precision: Literal["no", "fp16", "bf16"] = "no",
     gradient_checkpointing: bool = False,
-    seed: int = 42,
-    max_steps: int | None = None,
-    save_every: int | None = None,
-    keep_last: int = 2,
+    seed: Seed = 42,
+    max_steps: PositiveInt | None = None,
+    save_every: PositiveInt | None = None,
+    keep_last: PositiveInt = 2,
     resume: str | None = None,
-    log_every: int = 10,
+    resume_inexact: bool = False,
+    log_every: PositiveInt = 10,
     wandb: bool = True,
     tensorboard: bool = True,
     project: str = "tinygpt_v",
     job_name: str | None = None,
-    num_workers: int = 0,
+    num_workers: NonNegativeInt = 0,
     device: Literal["auto", "cpu"] = "auto",
-    cpu_threads: int | None = None,
+    cpu_threads: PositiveInt | None = None,
     find_unused_parameters: bool = False,
 ) -> None:
     """The `run:` section.
@@ -55,7 +60,10 @@ def run_schema(
     original's -1). `save_every` (steps, default `iters_per_epoch`: once per epoch as the
     original) writes `checkpoint_{step}`; the end writes `checkpoint_final`; `keep_last` numbered
     checkpoints are kept. `resume`: `auto` (the newest checkpoint in `output_dir`, if any) or a
-    checkpoint folder. `max_grad_norm: null` disables clipping (the original does not clip).
+    checkpoint folder. A resume is exact (bit-identical to an uninterrupted run) or refused: missing
+    or unreadable resume state (optimizer.bin, random_states_*.pkl, data_rank*.pt) is an error
+    naming the file, unless `resume_inexact: true` accepts continuing without it (fresh optimiser
+    moments / RNG / data order for the missing part, each warned about). `max_grad_norm: null` disables clipping (the original does not clip).
     `cpu_threads` sets torch's intra-op threads (null: torch's default); 1 is the fastest for the
     tiny model and keeps a shared CPU from stalling in OpenMP barriers.
     """
@@ -83,7 +91,6 @@ def check_run_section(section, key: str = "run") -> None:
     if unused:
         raise ConfigError(f"{key}.{unused[0]}", f"is not used by lr_sched '{name}' (it reads "
                                                 f"{', '.join(sorted(wanted))}); remove it")
-    _check_positive(section, key)
     resume = section.get("resume")
     if resume not in (None, "auto"):
         check_kwargs(_resume_path, {"resume": resume}, key)
@@ -91,16 +98,6 @@ def check_run_section(section, key: str = "run") -> None:
 
 def _resume_path(resume: LocalPath) -> None:
     """`run.resume` when it is not `auto`: a checkpoint folder that must exist."""
-
-
-def _check_positive(section: dict, key: str) -> None:
-    for name in ("max_epoch", "iters_per_epoch", "accum_grad_iters", "log_every", "keep_last",
-                 "save_every", "max_steps", "cpu_threads"):
-        value = section.get(name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}.{name}", f"must be at least 1, got {value}")
-    if section.get("max_grad_norm") is not None and section["max_grad_norm"] <= 0:
-        raise ConfigError(f"{key}.max_grad_norm", "must be positive, or null for no clipping")
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,12 @@ def flat_config(config: dict, prefix: str = "") -> dict:
 # --- metrics file ------------------------------------------------------------------------------------
 
 class MetricsLog:
-    """Appends one JSON line per step; written by the main process only."""
+    """Appends one JSON line per step; written by the main process only.
+
+    A line cut short by a crash or a full disk is repaired when the run resumes: the file is
+    truncated to its last complete line, with a warning naming the file. A damaged line inside the
+    file is skipped with a warning naming file and line (metrics are a record, never a reason
+    to stop training)."""
 
     def __init__(self, output_dir: Path, enabled: bool):
         self.path, self.enabled = Path(output_dir) / METRICS_FILE, enabled
@@ -82,6 +87,7 @@ class MetricsLog:
         """Keep the lines of steps <= resumed_step (none on a fresh run)."""
         if not self.enabled:
             return
+        self.repair()
         kept = [r for r in self.read() if r["step"] <= resumed_step] if resumed_step else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -91,10 +97,36 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def repair(self) -> bool:
+        """Truncate a torn last line (no newline at the end); returns whether there was one."""
+        if not self.path.is_file():
+            return False
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return False
+        keep = data.rfind(b"\n") + 1
+        with self.path.open("r+b") as f:
+            f.truncate(keep)
+        logger.warning("%s: its last line was cut short (%d bytes, an interrupted write or a full disk); "
+                       "truncated to the last complete line", self.path, len(data) - keep)
+        return True
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["step"])
+            except (ValueError, TypeError, KeyError) as e:
+                logger.warning("%s:%d: damaged metrics line skipped (%s)", self.path, lineno, e)
+                continue
+            records.append(record)
+        return records
 
 
 # --- progress ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ with batch B train exactly like one process with batch N x B.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from ..config import to_plain
-from .checkpointing import (FINAL, exclude_model_from_accelerate_state, latest_checkpoint, load_resume_state,
-                            prune_checkpoints, save_checkpoint)
+from .checkpointing import (FINAL, ResumeError, check_same_run, checkpoint_problems,
+                            exclude_model_from_accelerate_state, latest_checkpoint, list_checkpoints, load_resume_state,
+                            prune_checkpoints, read_meta, save_checkpoint, set_aside, unreadable_checkpoints)
+from .lock import OutputDirLock
+from .preflight import check_built_datasets, check_training_config
 from .optim import build_optimizer
 from .schedules import StepScheduler, build_schedule
 from .settings import read_run_settings
@@ -44,16 +48,36 @@ class StepResult:
 
 class Trainer:
     def __init__(self, cfg):
-        from ..data import build_train_loader  # heavy imports only when a run starts
-        from ..models import build_model
-
         self.config = to_plain(cfg)
         self.run = read_run_settings(cfg.get("run"))
         self.output_dir = Path(self.run.output_dir)
+        check_training_config(self.config)  # again: a config built in code skipped load_config
         if self.run.cpu_threads:
             torch.set_num_threads(self.run.cpu_threads)
         self.accelerator = self._make_accelerator()
+        # one run per output folder; the main process holds the lock for the whole run
+        self.lock = OutputDirLock(self.output_dir)
+        if self.accelerator.is_main_process:
+            self.lock.acquire()
+        self.loader = None
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.step = 0
+        self.metrics = MetricsLog(self.output_dir, enabled=self.accelerator.is_main_process)
+
+    def _build(self, cfg) -> None:
+        from ..data import build_train_loader  # heavy imports only when a run starts
+        from ..models import build_model
         exclude_model_from_accelerate_state(self.accelerator)
+        # the data first: a missing file or shard is reported before the model (minutes for the
+        # real one) is built. The loader draws nothing from the global RNGs, so the order does not
+        # change the initial weights.
+        self.loader = build_train_loader(cfg.datasets, seed=self.run.seed, rank=self.accelerator.process_index,
+                                         world_size=self.accelerator.num_processes, num_workers=self.run.num_workers)
+        check_built_datasets(self.config["model"], self.loader.datasets)
         set_seed(self.run.seed)  # the same on every process: identical initial weights
         model = build_model(cfg.model, verbose=self.accelerator.is_main_process)
         if self.run.gradient_checkpointing:
@@ -61,11 +85,13 @@ class Trainer:
         optimizer = build_optimizer(model, self.run.init_lr, self.run.weight_decay, self.run.beta2)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = StepScheduler(self.optimizer, build_schedule(self.run))
-        self.loader = build_train_loader(cfg.datasets, seed=self.run.seed, rank=self.accelerator.process_index,
-                                         world_size=self.accelerator.num_processes, num_workers=self.run.num_workers)
         set_seed(self.run.seed, device_specific=True)  # seed + rank from here on, as the original
-        self.step = 0
-        self.metrics = MetricsLog(self.output_dir, enabled=self.accelerator.is_main_process)
+
+    def close(self) -> None:
+        """Stop the data workers and let the output folder go (idempotent)."""
+        if self.loader is not None:
+            self.loader.close()
+        self.lock.release()
 
     def _make_accelerator(self) -> Accelerator:
         # accelerate keeps its settings in process-wide singletons; a second run in the same
@@ -86,21 +112,23 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------
 
     def fit(self) -> Path:
-        self.step = self._resume()
-        last = self.run.last_step
-        if self.step >= last:
-            self.accelerator.print(f"{self.output_dir}: already trained to step {self.step} of {last}; nothing to do")
-            self.loader.close()
-            return latest_checkpoint(self.output_dir)
-        start_step, started = self.step, time.perf_counter()
-        self._start_logging()
         try:
-            self._loop(last)
-            final = self._save(FINAL)
+            self.step = self._resume()
+            last = self.run.last_step
+            if self.step >= last:
+                self.accelerator.print(f"{self.output_dir}: already trained to step {self.step} of {last}; "
+                                       f"nothing to do")
+                return latest_checkpoint(self.output_dir)
+            start_step, started = self.step, time.perf_counter()
+            self._start_logging()
+            try:
+                self._loop(last)
+                final = self._save(FINAL)
+            finally:
+                self.progress.close()
+                self.accelerator.end_training()
         finally:
-            self.progress.close()
-            self.accelerator.end_training()
-            self.loader.close()
+            self.close()
         self._finish(start_step, time.perf_counter() - started, final)
         return final
 
@@ -178,19 +206,68 @@ class Trainer:
 
     def _resume(self) -> int:
         resume = self.run.resume
-        found = latest_checkpoint(self.output_dir)
         if resume is None:
+            found = latest_checkpoint(self.output_dir)
             if found is not None:
                 raise FileExistsError(f"{self.output_dir} already holds {found.name}: continue it with "
                                       f"--options run.resume=auto, or choose another run.output_dir")
             return 0
-        checkpoint = found if resume == "auto" else Path(resume)
-        if checkpoint is None:
-            self.accelerator.print(f"run.resume=auto: no checkpoint in {self.output_dir} yet, starting at step 0")
-            return 0
-        meta = load_resume_state(self.accelerator, self.model, self.loader, checkpoint)
-        self.accelerator.print(f"resumed from {checkpoint} at step {meta['step']}")
+        if resume == "auto":
+            for message in unreadable_checkpoints(self.output_dir):
+                self._warn(f"{message}; not used as a checkpoint")
+            candidates = [folder for _, folder in reversed(list_checkpoints(self.output_dir))]
+            if not candidates:
+                self.accelerator.print(f"run.resume=auto: no checkpoint in {self.output_dir} yet, starting at step 0")
+                return 0
+        else:
+            candidates = [Path(resume)]
+        checkpoint, missing = self._choose_checkpoint(candidates, auto=resume == "auto")
+        meta = load_resume_state(self.accelerator, self.model, self.loader, checkpoint, missing, self.optimizer)
+        exact = "" if not missing else " (inexact: run.resume_inexact)"
+        self.accelerator.print(f"resumed from {checkpoint} at step {meta['step']}{exact}")
         return int(meta["step"])
+
+    def _choose_checkpoint(self, candidates: list[Path], auto: bool) -> tuple[Path, list[Path]]:
+        """The newest candidate that resumes exactly, or (run.resume_inexact) whose weights are
+        whole; with `auto`, damaged newer ones are warned about and set aside. Returns the
+        checkpoint and its resume-state files to do without."""
+        plain = self.accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                          DistributedType.MEGATRON_LM)
+        damaged, reports = [], []
+        for checkpoint in candidates:
+            problems = checkpoint_problems(checkpoint, optimizer=plain, scaler=self.accelerator.scaler is not None)
+            if not any(p.essential for p in problems):
+                check_same_run(self.accelerator, self.model, checkpoint, read_meta(checkpoint))
+                if not problems or self.run.resume_inexact:
+                    for problem in problems:
+                        self._warn(f"{problem}; run.resume_inexact is set, so the run goes on without it "
+                                   f"(not bit-identical to an uninterrupted run)")
+                    self._set_aside(damaged, checkpoint)
+                    return checkpoint, [p.file for p in problems]
+            reports.append(_problem_report(checkpoint, problems))
+            if not auto:
+                raise ResumeError(reports[-1] + _resume_hint(problems, auto=False))
+            self._warn(f"{reports[-1]}; trying the checkpoint before it")
+            damaged.append(checkpoint)
+        newest = checkpoint_problems(candidates[0], optimizer=plain, scaler=self.accelerator.scaler is not None)
+        raise ResumeError(f"no checkpoint in {self.output_dir} can be resumed: {'; '.join(reports)}"
+                          + _resume_hint(newest, auto=True))
+
+    def _set_aside(self, damaged: list[Path], chosen: Path) -> None:
+        """Damaged checkpoints newer than the one resumed would be kept by `keep_last` pruning in
+        place of good ones: hide them (renamed, not deleted)."""
+        if not damaged:
+            return
+        self.accelerator.wait_for_everyone()  # every process has read them before they move
+        if self.accelerator.is_main_process:
+            for folder in damaged:
+                hidden = set_aside(folder)
+                self._warn(f"resuming from {chosen.name}; the damaged {folder.name} was moved to {hidden.name}")
+        self.accelerator.wait_for_everyone()
+
+    def _warn(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _save(self, name: str) -> Path:
         meta = {"step": self.step, "epoch": self.step // self.run.iters_per_epoch, "config": self.config,
@@ -241,6 +318,19 @@ class Trainer:
               f"({steps / max(seconds, 1e-9):.2f} steps/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s); "
               f"final loss {final_loss:.4f} (mean of last {len(tail)} steps); checkpoint {final}; curves {curves}",
               flush=True)
+
+
+def _problem_report(checkpoint: Path, problems) -> str:
+    return f"{checkpoint} cannot be resumed exactly: " + "; ".join(str(p) for p in problems)
+
+
+def _resume_hint(problems, auto: bool) -> str:
+    if any(p.essential for p in problems):
+        return (". Its weights or description are damaged: resume an earlier checkpoint (run.resume=<folder>), "
+                "or move this one out of the output folder")
+    where = "the newest one" if auto else "it"
+    return (f". Restore the file(s), or set run.resume_inexact: true to continue from {where} without them "
+            f"(the run is then not bit-identical to an uninterrupted one)")
 
 
 def enable_gradient_checkpointing(model) -> None:
