@@ -128,22 +128,20 @@ def hf_blip2(s: Sizes) -> dict[str, tuple]:
 
 
 def tinygptv_stage(s: Sizes) -> dict[str, tuple]:
-    """TinyGPT-V_for_Stage{1..4}.pth `model`: projections, LoRA on the fused qkv and dense, norms."""
+    """TinyGPT-V_for_Stage{1..4}.pth `model`: projections, LoRA on the fused qkv and dense, and the
+    norm WEIGHTS (the original trains no norm bias, and saves only what it trains)."""
     h, r, d = s.hidden, s.lora_r, s.hidden // s.heads
     keys = {"llama_proj.weight": (s.proj_hidden, s.q_hidden), "llama_proj.bias": (s.proj_hidden,),
             "llama_proj2.weight": (h, s.proj_hidden), "llama_proj2.bias": (h,),
-            "llama_model.base_model.model.model.final_layernorm.weight": (h,),
-            "llama_model.base_model.model.model.final_layernorm.bias": (h,)}
+            "llama_model.base_model.model.model.final_layernorm.weight": (h,)}
     for i in range(s.layers):
         b = f"llama_model.base_model.model.model.layers.{i}."
         keys.update({b + "self_attn.query_key_value.lora_A.default.weight": (r, h),
                      b + "self_attn.query_key_value.lora_B.default.weight": (3 * h, r),
                      b + "self_attn.dense.lora_A.default.weight": (r, h),
                      b + "self_attn.dense.lora_B.default.weight": (h, r),
-                     b + "self_attn.q_layernorm.weight": (d,), b + "self_attn.q_layernorm.bias": (d,),
-                     b + "self_attn.k_layernorm.weight": (d,), b + "self_attn.k_layernorm.bias": (d,),
-                     b + "post_layernorm.weight": (h,),
-                     b + "input_layernorm.weight": (h,), b + "input_layernorm.bias": (h,)})
+                     b + "self_attn.q_layernorm.weight": (d,), b + "self_attn.k_layernorm.weight": (d,),
+                     b + "post_layernorm.weight": (h,), b + "input_layernorm.weight": (h,)})
     return keys
 
 
@@ -219,7 +217,7 @@ def minigpt4(s: Sizes) -> dict[str, tuple]:
     (lambda s: lavis_eva(s, "visual_encoder."), {"vision"}),
     (lavis_blip2, {"ln_vision", "query_tokens", "qformer"}),
     (hf_blip2, {"vision", "ln_vision", "query_tokens", "qformer"}),
-    (phi_fused, {"llm", "llm_norms"}),
+    (phi_fused, {"llm", "llm_norms", "llm_norm_biases"}),
 ], ids=["tinygptv_stage", "minigpt4", "eva_vit_g", "eva_in_model_file", "lavis_blip2", "hf_blip2", "phi_fused"])
 def test_full_size_original_names_map_completely(full_model, listing, parts):
     plan = full_plan(full_model, listing(FULL))
@@ -249,15 +247,41 @@ def test_full_size_eva_drops_block_39_and_interpolates_to_448(full_model):
 
 # --- tiny files through the real loaders ------------------------------------------------------------
 
-def test_released_stage_checkpoint_loads_and_splits_fused_lora(tmp_path, model):
+def released_stage_file(tmp_path):
     state = random_state(tinygptv_stage(TINY))
     path = tmp_path / "TinyGPT-V_for_Stage4.pth"
     torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "config": {"run": {"seed": 42}},
                 "scaler": None, "epoch": 3}, path)
+    return state, path
+
+
+def test_released_stage_checkpoint_loads_into_the_fused_adapter_and_keeps_norm_biases(tmp_path, model):
+    state, path = released_stage_file(tmp_path)
     before = snapshot(model)
     (report,) = load_checkpoints(model, [path])
     assert report.ok and report.format.startswith("original TinyGPT-V")
-    assert len(report.matched) == 4 + 2 + TINY.layers * (3 * 2 + 2 + 4 + 1 + 2)
+    assert len(report.matched) == len(state)  # one to one: the same fused adapter
+    sd = model.state_dict()
+    layer = "llm.base_model.model.model.layers.1.self_attn.query_key_value."
+    orig = "llama_model.base_model.model.model.layers.1.self_attn.query_key_value."
+    for ab in ("A", "B"):
+        assert torch.equal(sd[f"{layer}lora_{ab}.default.weight"], state[f"{orig}lora_{ab}.default.weight"])
+    # the norm biases are not in the file: they keep their values and the report says why
+    biases = [k for k in sd if k.startswith("llm.") and "layernorm.bias" in k]
+    assert len(biases) == 3 * TINY.layers + 1
+    assert sorted(k.split(" ")[0] for k in report.kept) == sorted(biases)
+    assert all("never trains" in k for k in report.kept)
+    assert all(torch.equal(sd[k], before[k]) for k in biases)
+
+
+def test_released_stage_checkpoint_splits_fused_lora_for_per_projection_adapters(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_section(**{"lora.fused_qkv": False, "lora.target_modules": None}), verbose=False)
+    state, path = released_stage_file(tmp_path)
+    before = snapshot(model)
+    (report,) = load_checkpoints(model, [path])
+    assert report.ok and report.format.startswith("original TinyGPT-V")
+    assert len(report.matched) == 4 + 1 + TINY.layers * (3 * 2 + 2 + 2 + 1 + 1)
     sd = model.state_dict()
     layer = "llm.base_model.model.model.layers.1.self_attn."
     fused_a = state["llama_model.base_model.model.model.layers.1.self_attn.query_key_value.lora_A.default.weight"]

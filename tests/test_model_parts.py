@@ -64,13 +64,31 @@ def test_groups_cover_every_parameter_once_and_norm_group_holds_the_new_norms():
     groups = parameter_groups(model)
     names = [n for params in groups.values() for n in params]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
-    norms = groups["llm_norms"]
+    norms, biases = groups["llm_norms"], groups["llm_norm_biases"]
     layers = model.llm.config.num_hidden_layers
+    # llm_norms: the norm WEIGHTS, the original's trainable set (4 per layer + the final norm)
     for suffix, count in [("post_layernorm.weight", layers), ("q_layernorm.weight", layers),
-                          ("k_layernorm.bias", layers), ("input_layernorm.weight", layers),
+                          ("k_layernorm.weight", layers), ("input_layernorm.weight", layers),
                           ("final_layernorm.weight", 1)]:
         assert sum(n.endswith(suffix) for n in norms) == count, suffix
+    assert len(norms) == 4 * layers + 1 and all(n.endswith(".weight") for n in norms)
+    # their biases are a group of their own (post_layernorm is an RMSNorm: no bias)
+    for suffix, count in [("q_layernorm.bias", layers), ("k_layernorm.bias", layers),
+                          ("input_layernorm.bias", layers), ("final_layernorm.bias", 1)]:
+        assert sum(n.endswith(suffix) for n in biases) == count, suffix
+    assert len(biases) == 3 * layers + 1
     assert not any("lora_" in n for n in groups["llm"])
+
+
+def test_norm_biases_stay_frozen_unless_asked_for_and_share_their_weights_dtype():
+    model = build(**{"llm.dtype": "bf16"})
+    groups = parameter_groups(model)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in groups["llm_norms"].values())
+    # frozen, but in fp32 beside their trainable fp32 weights, as the original casts them
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in groups["llm_norm_biases"].values())
+    assert all(p.dtype == torch.bfloat16 for p in groups["llm"].values())
+    opted_in = build(**{"trainable": ["projection", "llm_norms", "llm_norm_biases"]})
+    assert all(p.requires_grad for p in parameter_groups(opted_in)["llm_norm_biases"].values())
 
 
 def test_frozen_parts_stay_in_eval_mode_while_training():
@@ -236,7 +254,8 @@ def test_checkpoints_keep_frozen_parts_only_when_no_file_can_restore_them():
     assert set(checkpoint_parameter_names(model)) == everything  # all random: all saved
     model.model_config["vision"]["pretrained"] = "weights/eva_vit_g.pth"
     model.model_config["llm"]["pretrained"] = "microsoft/phi-2"
-    expected = everything - set(groups["vision"]) - set(groups["llm"]) - set(groups["llm_norms"])
+    expected = (everything - set(groups["vision"]) - set(groups["llm"]) - set(groups["llm_norms"])
+                - set(groups["llm_norm_biases"]))
     assert set(checkpoint_parameter_names(model)) == expected  # Q-Former + ln_vision still random
     model.model_config["qformer"]["pretrained"] = "weights/blip2_pretrained_flant5xxl.pth"
     # the connector trains; LoRA is frozen here but only a checkpoint can hold its weights

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -152,20 +152,34 @@ class Skipped:
 
 @dataclass(frozen=True)
 class KeyTable:
+    """`rules` and `unused` match the file's names; `kept` matches OUR names: parameters a file in
+    this format never holds by design, which keep their pretrained (or initial) value."""
     name: str
     rules: tuple[Rule, ...]
     unused: tuple[Unused, ...] = ()
+    kept: tuple[Unused, ...] = ()
 
-    def match(self, key: str) -> Mapped | Skipped | None:
-        """The first rule matching canonical `key`, then the unused list; None: unknown key."""
+    def match(self, key: str, ours: Container[str] | None = None) -> Mapped | Skipped | None:
+        """The first rule matching canonical `key` (with `ours`, our canonical names: the first
+        whose targets all exist there, if any does), then the unused list; None: unknown key."""
+        first = None
         for r in self.rules:
             found = r.pattern.match(key)
             if found:
-                return Mapped(r, tuple(t.format(**found.groupdict()) for t in r.targets))
+                mapped = Mapped(r, tuple(t.format(**found.groupdict()) for t in r.targets))
+                if ours is None or all(t in ours for t in mapped.targets):
+                    return mapped
+                first = first or mapped
+        if first is not None:
+            return first
         for u in self.unused:
             if u.pattern.match(key):
                 return Skipped(u.reason)
         return None
+
+    def kept_reason(self, our_name: str) -> str | None:
+        """Why this format does not hold our (canonical) parameter, if it never does."""
+        return next((k.reason for k in self.kept if k.pattern.match(our_name)), None)
 
 
 # --- EVA ViT-g ----------------------------------------------------------------------------------
@@ -240,8 +254,11 @@ QFORMER_HF = (
 # on the fused layer. Both are read; ours is always today's.
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 PHI_LAYER = (
-    # the original's fused attention input projection, and its LoRA
+    # the original's fused attention input projection, and its LoRA: one adapter over q, k, v.
+    # A model with `lora.fused_qkv: true` has that very adapter (first rule); a model with
+    # per-projection adapters receives it split exactly (shared A, B split by rows).
     rule("self_attn.query_key_value.{p}", tuple(f"{t}.{{p}}" for t in QKV), split_fused_qkv),
+    rule("self_attn.query_key_value.lora_{ab}.weight"),
     rule("self_attn.query_key_value.lora_A.weight", tuple(f"{t}.lora_A.weight" for t in QKV), share_lora_A),
     rule("self_attn.query_key_value.lora_B.weight", tuple(f"{t}.lora_B.weight" for t in QKV), split_fused_qkv),
     # today's separate projections (and `dense`, the attention output, in both), with LoRA
@@ -266,6 +283,18 @@ PHI = (
 OURS = KeyTable("tinygpt_v", tuple(
     rule(f"{part}.{{rest}}") for part in ("vision", "ln_vision", "qformer", "connector", "llm")))
 
+# What the original's runner never writes: it saves only parameters with requires_grad, and it
+# trains the norm WEIGHTS only (`base_model.init_llm`), so no norm bias is ever in its files;
+# and the TinyGPT-V-main copy of its package leaves `final_layernorm.weight` untrained too.
+_NEVER_TRAINED = "the original never trains it, so its checkpoints do not hold it; keeps its pretrained/initial value"
+ORIGINAL_NEVER_SAVES = (
+    Unused("llm.model.layers.{i}.input_layernorm.bias", _NEVER_TRAINED),
+    Unused("llm.model.layers.{i}.self_attn.{qk}_layernorm.bias", _NEVER_TRAINED),
+    Unused("llm.model.final_layernorm.bias", _NEVER_TRAINED),
+    Unused("llm.model.final_layernorm.weight", "the TinyGPT-V-main copy of the original does not train it "
+                                               "(the root copy does); keeps its pretrained value"),
+)
+
 # The original project's files: TinyGPT-V_for_Stage{1..4}.pth and runner checkpoints (trainable
 # parts only), MiniGPT-4 / LAVIS BLIP-2 model files such as blip2_pretrained_flant5xxl.pth.
 ORIGINAL = KeyTable(
@@ -288,6 +317,7 @@ ORIGINAL = KeyTable(
         Unused("t5_model.{rest}", "BLIP-2's Flan-T5 language model"),
         Unused("opt_model.{rest}", "BLIP-2's OPT language model"),
     ),
+    ORIGINAL_NEVER_SAVES,
 )
 
 # Hugging Face Salesforce/blip2-* folders: the same frozen parts under other names.

@@ -39,6 +39,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # file keys with no place in this model
     mismatched: list[str] = field(default_factory=list)  # shape disagreements
     skipped: list[str] = field(default_factory=list)     # file keys deliberately unused, with why
+    kept: list[str] = field(default_factory=list)        # our names this format never holds, with why
 
     @property
     def ok(self) -> bool:
@@ -47,11 +48,11 @@ class LoadReport:
     def summary(self) -> str:
         return (f"{self.source} ({self.format}): {len(self.matched)} matched, {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches, "
-                f"{len(self.skipped)} skipped")
+                f"{len(self.skipped)} skipped, {len(self.kept)} kept")
 
     def __str__(self) -> str:
         lines = [self.summary()]
-        for title in ("missing", "unexpected", "mismatched", "skipped"):
+        for title in ("missing", "unexpected", "mismatched", "skipped", "kept"):
             names = getattr(self, title)
             lines += [f"  {title}: {name}" for name in names[:LISTED]]
             if len(names) > LISTED:
@@ -83,7 +84,7 @@ def plan_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
     report = LoadReport(source, table.name)
     tensors: dict[str, torch.Tensor] = {}
     for canon_key, key in canon_keys.items():
-        found = table.match(canon_key)
+        found = table.match(canon_key, ours)
         if found is None:
             report.unexpected.append(key)
         elif isinstance(found, Skipped):
@@ -94,9 +95,21 @@ def plan_load(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
             report.skipped.append(f"{key} (EVA block beyond this model's depth; BLIP-2 uses 39 of EVA-CLIP's 40)")
         else:
             _plan_key(key, state, found, ours, shapes, llm_heads, tensors, report)
-    report.missing = _missing(tensors, parts) if parts is not None else sorted(set(shapes) - set(tensors))
+    missing = _missing(tensors, parts) if parts is not None else sorted(set(shapes) - set(tensors))
+    kept = _kept(table, tensors, ours)
+    report.missing = [name for name in missing if name not in kept]
+    report.kept = [f"{name} ({reason})" for name, reason in sorted(kept.items())]
     report.matched = sorted(tensors)
     return LoadPlan(tensors, report)
+
+
+def _kept(table: KeyTable, tensors: Mapping[str, torch.Tensor], ours: Mapping[str, str]) -> dict[str, str]:
+    """Our names that a file of this format never holds by design (e.g. the norm biases the
+    original never trains), when the file holds weights of the LLM at all: name -> reason."""
+    if not table.kept or not any(canon.startswith("llm.") for canon, name in ours.items() if name in tensors):
+        return {}
+    reasons = {name: table.kept_reason(canon) for canon, name in ours.items() if name not in tensors}
+    return {name: reason for name, reason in reasons.items() if reason}
 
 
 def _plan_key(key, state, found: Mapped, ours, shapes, llm_heads, tensors, report) -> None:
@@ -197,14 +210,15 @@ ADDED_NORMS = re.compile(r"\.(q_layernorm|k_layernorm|post_layernorm)\.")
 
 def model_parts(model: nn.Module) -> dict[str, list[str]]:
     """Part -> names, the unit of strictness for whole-model loads: the parameter groups of
-    models.parameters, with two groups split where real files hold only a piece of them:
-    TinyGPT-V's added norms apart from `llm_norms`, and each connector layer apart (MiniGPT-4's
-    checkpoint holds `llama_proj` but not TinyGPT-V's fresh `llama_proj2`)."""
+    models.parameters, with groups split where real files hold only a piece of them:
+    TinyGPT-V's added norms (weights, biases) apart from Phi-2's own, and each connector layer
+    apart (MiniGPT-4's checkpoint holds `llama_proj` but not TinyGPT-V's fresh `llama_proj2`)."""
     from ..models.parameters import parameter_groups
     parts = {group: list(params) for group, params in parameter_groups(model).items()}
-    norms = parts.pop("llm_norms")
-    parts["llm_norms"] = [name for name in norms if not ADDED_NORMS.search(name)]
-    parts["added_norms"] = [name for name in norms if ADDED_NORMS.search(name)]
+    for group, added in (("llm_norms", "added_norms"), ("llm_norm_biases", "added_norm_biases")):
+        names = parts.pop(group)
+        parts[group] = [name for name in names if not ADDED_NORMS.search(name)]
+        parts[added] = [name for name in names if ADDED_NORMS.search(name)]
     for name in parts.pop("projection"):  # connector.<layer>.<param>
         layer = name.split(".")[1] if name.count(".") >= 2 else ""
         parts.setdefault(f"projection:{layer}" if layer else "projection", []).append(name)
