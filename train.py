@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -20,10 +21,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; every expected failure ends in one line on stderr and a non-zero exit status:
+    2 for a config error, 1 for anything else the run could not get past."""
     args = parse_args(argv)
+    from tinygpt_v.checkpoints import CheckpointError
     from tinygpt_v.config import load_config
     from tinygpt_v.registry import ConfigError
     from tinygpt_v.training import NonFiniteLossError, ResumeError, run_pipeline, train
+    from tinygpt_v.training.lock import OutputDirLocked
     from tinygpt_v.training.pipeline import explain_missing_ckpt, is_pipeline_file
     try:
         if is_pipeline_file(args.cfg_path):
@@ -33,9 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {explain_missing_ckpt(e)}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, ResumeError, FileExistsError) as e:
+    except (CheckpointError, NonFiniteLossError, ResumeError, OutputDirLocked, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"error: the disk is full{where} ({e.strerror}); the last complete checkpoint is intact: free "
+              f"space, then run again with --options run.resume=auto", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; continue with --options run.resume=auto (from the last checkpoint)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -18,6 +18,7 @@ the next save.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -63,7 +64,22 @@ def write_json(data: dict, path: Path) -> None:
 
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_dir: Path, name: str,
                     meta: dict) -> Path:
-    """Write `output_dir/name` on every process's behalf; returns its path. Collective."""
+    """Write `output_dir/name` on every process's behalf; returns its path. Collective.
+
+    A full disk becomes OSError(ENOSPC) naming the folder, whatever library was writing
+    (safetensors and torch.save report it in their own words)."""
+    try:
+        return _save_checkpoint(accelerator, model, loader, output_dir, name, meta)
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if any(words in str(e) for words in ("No space left", "StorageFull", "Disk quota")):
+            raise OSError(errno.ENOSPC, "No space left on device", str(output_dir / f".{name}.tmp")) from e
+        raise
+
+
+def _save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_dir: Path, name: str,
+                     meta: dict) -> Path:
     final, tmp = output_dir / name, output_dir / f".{name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier interrupted write
