@@ -8,7 +8,8 @@ m=3 -> (3*(2/3) + 7*1)/10 = 0.9, m>=4 -> 1.
 import pytest
 
 from tinygpt_v.evaluation.metrics import (auroc, box_iou, box_iou_original, grid_to_pixels, normalize_vqa_answer,
-                                          parse_grid_box, parse_true_false, parse_yes_no, vqa_accuracy,
+                                          parse_grid_box, parse_true_false, parse_yes_no, process_punctuation,
+                                          vqa_accuracy_evalai, vqa_accuracy_lenient, vqa_accuracy_official,
                                           vqa_accuracy_original)
 
 
@@ -18,7 +19,8 @@ def humans(*counts: tuple[str, int]) -> list[str]:
     return answers
 
 
-# (prediction, human answers, accuracy worked out by hand, why)
+# (prediction, human answers, accuracy worked out by hand, why): the lenient variant, which
+# normalises both sides always, shows each normalisation rule on its own.
 VQA_CASES = [
     ("Yes", humans(("yes", 10)), 1.0, "casing"),
     ("yes.", humans(("yes", 10)), 1.0, "trailing period removed"),
@@ -50,7 +52,7 @@ VQA_CASES = [
 
 @pytest.mark.parametrize("prediction,answers,expected,why", VQA_CASES, ids=[c[3] for c in VQA_CASES])
 def test_vqa_accuracy_hand_worked(prediction, answers, expected, why):
-    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+    assert vqa_accuracy_lenient(prediction, answers) == pytest.approx(expected)
 
 
 def test_vqa_accuracy_of_the_whole_list():
@@ -61,13 +63,14 @@ def test_vqa_accuracy_of_the_whole_list():
     # 0.3: a dog, yes it is, 3.5, Blue! -> 4
     # 0.0: "", its, 9:30 -> 3
     expected = (6 * 1.0 + 7 * 0.9 + 5 * 0.6 + 4 * 0.3) / 25
-    got = sum(vqa_accuracy(p, a) for p, a, _, _ in VQA_CASES) / len(VQA_CASES)
+    got = sum(vqa_accuracy_lenient(p, a) for p, a, _, _ in VQA_CASES) / len(VQA_CASES)
     assert got == pytest.approx(expected)
 
 
 def test_vqa_accuracy_with_fewer_than_ten_answers():
     # 5 answers, 1 matching: the subset without it has 0 matches, the 4 others have 1 -> (0 + 4/3)/5.
-    assert vqa_accuracy("red", ["red", "blue", "blue", "blue", "blue"]) == pytest.approx(4 / 15)
+    for scorer in (vqa_accuracy_official, vqa_accuracy_evalai, vqa_accuracy_original, vqa_accuracy_lenient):
+        assert scorer("red", ["red", "blue", "blue", "blue", "blue"]) == pytest.approx(4 / 15)
 
 
 def test_normalisation_examples():
@@ -76,11 +79,36 @@ def test_normalisation_examples():
     assert normalize_vqa_answer("") == ""
 
 
-def test_original_vqa_tools_skip_normalisation_when_humans_agree():
-    assert vqa_accuracy_original("yes.", humans(("yes", 10))) == 0.0  # official: 1.0
-    assert vqa_accuracy_original("Two", humans(("2", 10))) == 0.0  # official: 1.0
-    assert vqa_accuracy_original("Yes", humans(("yes", 10))) == 1.0  # but casing is ignored
-    assert vqa_accuracy_original("two", humans(("2", 3), ("3", 7))) == pytest.approx(0.9)  # humans differ
+# (prediction, humans, official, evalai, original), worked out from the sources' rules:
+# official normalises both sides only when humans differ and compares case-sensitively; original
+# is official compared lower-cased; evalai always normalises the prediction, and gives differing
+# humans punctuation processing only (no lower-casing, digits or articles).
+VARIANT_CASES = [
+    ("yes.", humans(("yes", 10)), 0.0, 1.0, 0.0),  # unanimous: no normalisation in official/original
+    ("Yes", humans(("yes", 10)), 0.0, 1.0, 1.0),  # case: only original compares lower-cased
+    ("Two", humans(("2", 10)), 0.0, 1.0, 0.0),
+    ("two", humans(("2", 3), ("3", 7)), 0.9, 0.9, 0.9),  # humans differ: all normalise the prediction
+    ("2", humans(("two", 3), ("3", 7)), 0.9, 0.0, 0.9),  # evalai keeps the humans' "two"
+    ("dog", humans(("the dog", 3), ("cat", 7)), 0.9, 0.0, 0.9),  # ... and their articles
+    ("red", humans(("Red", 4), ("blue", 6)), 1.0, 0.0, 1.0),  # ... and their case
+    ("t-shirt", humans(("t shirt", 3), ("shirt", 7)), 0.9, 0.9, 0.9),
+    ("yes", humans((" yes", 10)), 1.0, 0.0, 1.0),  # evalai does not strip the humans
+]
+
+
+@pytest.mark.parametrize("prediction,answers,official,evalai,original", VARIANT_CASES)
+def test_vqa_accuracy_variants_hand_worked(prediction, answers, official, evalai, original):
+    assert vqa_accuracy_official(prediction, answers) == pytest.approx(official)
+    assert vqa_accuracy_evalai(prediction, answers) == pytest.approx(evalai)
+    assert vqa_accuracy_original(prediction, answers) == pytest.approx(original)
+
+
+def test_at_most_32_periods_are_removed():
+    # The sources pass re.UNICODE (32) as re.sub's count.
+    assert process_punctuation("." * 40) == "." * 8
+    assert process_punctuation("a." * 33) == "a" * 32 + "a."
+    assert vqa_accuracy_official("yes" + "." * 33, humans(("yes", 5), ("no", 5))) == 0.0
+    assert vqa_accuracy_official("yes" + "." * 32, humans(("yes", 5), ("no", 5))) == 1.0
 
 
 @pytest.mark.parametrize("reply,expected", [

@@ -71,6 +71,25 @@ def test_evaluation_writes_predictions_summary_and_table(tmp_path, capsys):
     assert len(model.seen) == 5
 
 
+def test_each_benchmark_reports_the_scorings_it_offers(tmp_path):
+    # lavis_vqa offers "evalai", GQA does not: its column shows "-".
+    questions = [{"question_id": 7, "question": "What is it?", "image": "a.jpg", "answer": ["dog"] * 10}]
+    (tmp_path / "vqa.json").write_text(json.dumps(questions))
+    write_image(tmp_path / "vqaimg" / "a.jpg")
+    benchmarks = {**make_gqa(tmp_path), "toy": {"name": "lavis_vqa", "annotations": str(tmp_path / "vqa.json"),
+                                                "image_root": str(tmp_path / "vqaimg")}}
+    settings = settings_for(tmp_path, benchmarks=benchmarks, scoring="official,evalai")
+    # "The dog." against ten "dog": official compares unnormalised (humans agree) -> 0; evalai normalises -> 1
+    summary = run(settings, ScriptedModel({**REPLIES, "What is it?": "The dog."}))
+    assert summary["scorings"] == ["official", "evalai"]
+    assert summary["benchmarks"]["toy"]["official"]["accuracy"] == 0.0
+    assert summary["benchmarks"]["toy"]["evalai"]["accuracy"] == 100.0
+    assert "evalai" not in summary["benchmarks"]["gqa"]
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| toy | accuracy | 0.00 | 100.00 | 1 |" in table
+    assert "| gqa | accuracy | 40.00 | - | 5 |" in table
+
+
 def test_interrupted_evaluation_resumes_without_redoing_samples(tmp_path):
     full = run(settings_for(tmp_path, output="uninterrupted"), ScriptedModel(REPLIES))
 
@@ -172,8 +191,9 @@ def test_config_errors_name_the_key(tmp_path, entry, key, message):
 
 
 def test_unknown_selection_and_scoring_are_named(tmp_path):
-    path = write_config(tmp_path, "  scoring: lenient\n  benchmarks: {}\n")
-    with pytest.raises(ConfigError, match=r"evaluation.scoring: expected one of \['official', 'original', 'both'\]"):
+    path = write_config(tmp_path, "  scoring: official,evali\n  benchmarks: {}\n")
+    with pytest.raises(ConfigError, match=r"evaluation.scoring: unknown scoring 'evali'; known: official, original, "
+                                          r"evalai, lenient, both, all"):
         load_config(path)
     path = write_config(tmp_path, "  benchmarks: {}\n")
     with pytest.raises(ConfigError, match=r"evaluation.select\[0\]: no benchmark 'gqa'"):

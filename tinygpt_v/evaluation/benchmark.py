@@ -17,7 +17,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .metrics import mean_percent
 
@@ -55,12 +55,14 @@ class Benchmark:
             seen.add(sample.id)
         return samples[: self.limit] if self.limit is not None else samples
 
+    # The scorings this benchmark offers, the default first; `score(rows, name)` calls
+    # `score_<name>`. A benchmark with more (e.g. VQA's "evalai") lists them here.
+    SCORINGS: ClassVar[tuple[str, ...]] = ("official", "original")
+
     def score(self, rows: list[dict], scoring: str) -> dict[str, float]:
-        if scoring == "official":
-            return self.score_official(rows)
-        if scoring == "original":
-            return self.score_original(rows)
-        raise ValueError(f"unknown scoring {scoring!r}; expected 'official' or 'original'")
+        if scoring not in self.SCORINGS:
+            raise ValueError(f"{type(self).__name__} has no scoring {scoring!r}; it offers: {', '.join(self.SCORINGS)}")
+        return getattr(self, f"score_{scoring}")(rows)
 
     # --- what a benchmark module writes ---
     def load(self) -> list[Sample]:

@@ -33,8 +33,24 @@ def load_model(cfg, settings: EvalSettings, device: torch.device):
             load_checkpoints(model, [checkpoint])
     # auto: half precision on a GPU (the original evaluates in fp16), the built dtypes on CPU.
     dtype = _DTYPES.get(settings.precision, torch.float16 if device.type == "cuda" else None)
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.to(device)
+    if dtype is not None:
+        place_precision(model, dtype)
     return model.eval()
+
+
+def place_precision(model, dtype: torch.dtype):
+    """The original's evaluation precision: the vision tower and the LLM in `dtype`; ln_vision, the
+    Q-Former and the projection in fp32 (the original keeps them fp32 and runs them under
+    autocast). encode_image feeds ln_vision fp32 tokens and casts the projection's output to the
+    LLM's dtype, so every part receives its own weights' dtype: a half ln_vision would meet fp32
+    tokens ("mixed dtype (CPU)" in bf16 on CPU; CUDA's layer_norm refuses it too)."""
+    model.to(dtype=dtype)
+    for name in ("ln_vision", "qformer", "connector"):
+        part = getattr(model, name, None)
+        if part is not None:
+            part.to(dtype=torch.float32)
+    return model
 
 
 def _build(cfg):

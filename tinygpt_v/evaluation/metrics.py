@@ -1,19 +1,37 @@
 """Answer normalisation and the metrics the benchmarks share.
 
-The VQA normalisation follows the official VQA evaluation (`vqaEval.py`, Antol et al.):
-punctuation, digit words, articles, contractions, and the accuracy
-min(#matching humans / 3, 1) averaged over the leave-one-out subsets of the human answers.
-Two deliberate differences from that script, both as the EvalAI server scores VQA challenges:
-the prediction and the human answers are always normalised (the script skips normalisation when
-all humans agree), and subsets are formed by position (the script compares answer dicts, which
-breaks when two entries are identical).
+VQA accuracy, min(#matching humans / 3, 1) averaged over leaving each human out, exists in
+several implementations that disagree on edge cases. Each is reproduced here exactly, quirks
+included, and named for its source (`VQA_ACCURACY` maps the names); `tests/fixtures/scorers/vqa/`
+holds the outputs of running each source on thousands of generated cases:
+
+- `official` (the default): GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py`,
+  master, commit a013f0043c1e "Fixed processing answers bug". Normalises the prediction and the
+  human answers only when the humans disagree, then compares case-sensitively.
+- `evalai`: Cloud-CV/VQA-Evaluation `PythonEvaluationTools/vqaEvaluation/vqaEval.py`, commit
+  7a042f5bde54 (the code behind the EvalAI VQA challenge server). Always normalises the prediction;
+  the human answers get punctuation processing only, and only when they disagree. LAVIS's
+  `vqa_eval.py` (bundled with the original TinyGPT-V as `minigpt4/common/vqa_tools/vqa_eval.py`)
+  behaves the same.
+- `original`: the copy the original TinyGPT-V's `eval_vqa.py` imports for OK-VQA,
+  DLYuanGod/TinyGPT-V `minigpt4/common/vqa_tools/VQA/PythonEvaluationTools/vqaEvaluation/vqaEval.py`,
+  commit 83f6189b062c: `official` with a lower-cased comparison.
+- `lenient`: ours; always normalises both sides. NOT comparable with published numbers: it
+  forgives what every official scorer counts wrong ("Yes." against ten "yes").
+
+Quirks every source shares, reproduced: the period rule passes `re.UNICODE` (32) as the `count`
+argument of `re.sub`, so at most 32 periods are removed; a punctuation mark is deleted rather
+than replaced by a space when it touches a space or when the text holds a "1,000"-style number;
+`\\d` follows Python 3 (any Unicode digit; the scripts were written for Python 2, where only
+ASCII digits count). Leave-one-out subsets are formed by position; the scripts compare answer
+dicts, which is the same whenever answer ids differ, as in every official annotation file.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-# --- official VQA answer normalisation --------------------------------------------------------
+# --- VQA answer normalisation (the tables every VQA scorer shares) ------------------------------
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -52,14 +70,19 @@ _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
                 ",", "?", "!"]
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
-# The official pattern is "(?!<=\d)(\.)(?!\d)"; its first group is a look-ahead that never fails
+# The sources' pattern is "(?!<=\d)(\.)(?!\d)"; its first group is a look-ahead that never fails
 # before a ".", so it removes every period not followed by a digit ("3.5" keeps its point).
 _PERIOD = re.compile(r"\.(?!\d)")
+# The sources call periodStrip.sub("", text, re.UNICODE): re.UNICODE (32) lands in `count`.
+_MAX_PERIODS_REMOVED = int(re.UNICODE)
 
 
-def _strip_punctuation(text: str) -> str:
-    # A mark touching a space, or any mark in a text with "1,000"-style numbers, is deleted;
-    # otherwise it becomes a space ("t-shirt" -> "t shirt"). Conditions look at the input text.
+def process_punctuation(text: str) -> str:
+    """The sources' processPunctuation: marks deleted or turned into spaces, then periods.
+
+    A mark touching a space, or any mark in a text holding a "1,000"-style number, is deleted;
+    otherwise it becomes a space ("t-shirt" -> "t shirt"). The conditions look at the input text.
+    At most 32 periods not followed by a digit are removed (the `count` quirk)."""
     out = text
     has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
     for mark in _PUNCTUATION:
@@ -67,49 +90,98 @@ def _strip_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_MAX_PERIODS_REMOVED)
 
 
-def _digits_articles_contractions(text: str) -> str:
+def process_digit_article(text: str) -> str:
+    """The sources' processDigitArticle: lower-case, number words to digits, drop articles,
+    restore contractions, single spaces."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
 
 
+def _flatten_whitespace(text: str) -> str:
+    """What every source does first to an answer: newlines and tabs to spaces, then strip()."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(text: str) -> str:
-    """The official VQA normalisation: 'The Two Dogs.' -> '2 dogs'."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles_contractions(_strip_punctuation(text))
+    """The full VQA answer normalisation: 'The Two Dogs.' -> '2 dogs'."""
+    return process_digit_article(process_punctuation(_flatten_whitespace(text)))
 
 
 # --- VQA accuracy -----------------------------------------------------------------------------
 
 def _leave_one_out_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """min(#matches among the other humans / 3, 1), averaged over leaving each human out."""
+    if not answers:
+        raise ValueError("VQA accuracy needs at least one human answer")
     matches = [answer == prediction for answer in answers]
     total = sum(matches)
     per_subset = [min(1.0, (total - own) / 3) for own in matches]
     return sum(per_subset) / len(per_subset)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction against the human answers, in [0, 1]."""
-    if not answers:
-        raise ValueError("VQA accuracy needs at least one human answer")
-    return _leave_one_out_accuracy(normalize_vqa_answer(prediction), [normalize_vqa_answer(a) for a in answers])
+def _humans_disagree(answers: Sequence[str]) -> bool:
+    return len(set(answers)) > 1
+
+
+def vqa_accuracy_official(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy as GT-Vision-Lab/VQA computes it (vqaEval.py, master, commit a013f0043c1e).
+
+    Both sides are whitespace-flattened; only when the (flattened) human answers differ are both
+    normalised; the comparison is case-sensitive. So "yes." and "Yes" score 0 against ten "yes",
+    but 0.9 against three "yes" and seven "no"."""
+    prediction = _flatten_whitespace(prediction)
+    answers = [_flatten_whitespace(a) for a in answers]
+    if _humans_disagree(answers):
+        prediction = normalize_vqa_answer(prediction)
+        answers = [normalize_vqa_answer(a) for a in answers]
+    return _leave_one_out_accuracy(prediction, answers)
 
 
 def vqa_accuracy_original(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy exactly as the VQA tools bundled with the original compute it.
+    """VQA accuracy as the copy bundled with the original TinyGPT-V computes it (the one its
+    eval_vqa.py imports for OK-VQA: minigpt4/common/vqa_tools/VQA/PythonEvaluationTools/
+    vqaEvaluation/vqaEval.py, DLYuanGod/TinyGPT-V commit 83f6189b062c).
 
-    They normalise only when the humans disagree; when all answers are identical the prediction
-    is compared after strip() and lower() alone, so "yes." scores 0 against ten "yes"."""
-    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
-    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if len(set(answers)) > 1:
+    `official` with a lower-cased comparison: "Yes" scores 1 against ten "yes", "yes." still 0."""
+    prediction = _flatten_whitespace(prediction)
+    answers = [_flatten_whitespace(a) for a in answers]
+    if _humans_disagree(answers):
         prediction = normalize_vqa_answer(prediction)
         answers = [normalize_vqa_answer(a) for a in answers]
     return _leave_one_out_accuracy(prediction.lower(), [a.lower() for a in answers])
+
+
+def vqa_accuracy_evalai(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy as the EvalAI server computes it (Cloud-CV/VQA-Evaluation vqaEval.py,
+    commit 7a042f5bde54; LAVIS's vqa_eval.py is the same).
+
+    The prediction is always flattened and fully normalised. The human answers are used as
+    stored (not even stripped); when they differ they get punctuation processing only, no
+    lower-casing, digits or articles. Case-sensitive comparison."""
+    prediction = normalize_vqa_answer(prediction)
+    if _humans_disagree(answers):
+        answers = [process_punctuation(a) for a in answers]
+    return _leave_one_out_accuracy(prediction, list(answers))
+
+
+def vqa_accuracy_lenient(prediction: str, answers: Sequence[str]) -> float:
+    """Ours, NOT comparable with published numbers: prediction and human answers are always
+    fully normalised, whatever the humans said."""
+    return _leave_one_out_accuracy(normalize_vqa_answer(prediction), [normalize_vqa_answer(a) for a in answers])
+
+
+# The default first. Benchmarks scored by VQA accuracy offer each of these as a scoring.
+VQA_ACCURACY: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "official": vqa_accuracy_official,
+    "evalai": vqa_accuracy_evalai,
+    "original": vqa_accuracy_original,
+    "lenient": vqa_accuracy_lenient,
+}
+vqa_accuracy = vqa_accuracy_official  # the default scorer
 
 
 # --- yes/no and true/false answers ----------------------------------------------------------------

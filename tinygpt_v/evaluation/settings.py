@@ -3,7 +3,8 @@
     evaluation:
       checkpoint: path            # our checkpoint, an exported folder, or the original's stage .pth
       output_dir: output/eval
-      scoring: both               # official | original | both (official is reported first)
+      scoring: both               # a scoring, a list / comma-separated list of them, both (official,
+                                  # original) or all; each benchmark reports those it offers
       select: [gqa, vsr]          # which entries of `benchmarks` to run; null = all (eval.py --benchmarks)
       benchmarks:
         gqa: {questions: ..., image_root: ...}          # `name:` defaults to the entry's key
@@ -28,7 +29,7 @@ class EvalSettings:
     select: list[str] | None = None
     checkpoint: LocalPath | None = None
     output_dir: str = "output/eval"
-    scoring: Literal["official", "original", "both"] = "official"
+    scoring: str | list[str] = "official"  # see the module docstring; names checked at load time
     batch_size: int = 10  # per benchmark unless its entry sets batch_size (the original: 10, IconQA/VSR 1)
     max_new_tokens: int = 20
     num_beams: int = 1
@@ -40,7 +41,32 @@ class EvalSettings:
 
     @property
     def scorings(self) -> list[str]:
-        return ["official", "original"] if self.scoring == "both" else [self.scoring]
+        return parse_scorings(self.scoring)
+
+
+def known_scorings() -> list[str]:
+    """Every scoring some registered benchmark offers, defaults first."""
+    _import_benchmark_modules()
+    names: dict[str, None] = {}
+    for benchmark in BENCHMARKS.names():
+        names.update(dict.fromkeys(BENCHMARKS.get(benchmark).SCORINGS))
+    return sorted(names, key=lambda n: (n != "official", n != "original", n))
+
+
+def parse_scorings(scoring: str | list[str], key: str = "evaluation.scoring") -> list[str]:
+    """"both" -> official, original; "all" -> every known scoring; "a,b" or [a, b] -> those."""
+    if scoring == "both":
+        return ["official", "original"]
+    if scoring == "all":
+        return known_scorings()
+    names = [n.strip() for n in scoring.split(",")] if isinstance(scoring, str) else [str(n) for n in scoring]
+    known = known_scorings()
+    for name in names:
+        if name not in known:
+            raise ConfigError(key, f"unknown scoring {name!r}; known: {', '.join(known)}, both, all")
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(key, f"expected distinct scoring names, got {scoring!r}")
+    return names
 
 
 @register_section("evaluation")
@@ -57,6 +83,7 @@ def read_settings(section, key: str = "evaluation") -> EvalSettings:
     if not isinstance(plain, dict):
         raise ConfigError(key, "expected a section (mapping)")
     check_kwargs(EvalSettings, plain, key)
+    parse_scorings(plain.get("scoring", "official"), f"{key}.scoring")
     for i, name in enumerate(plain.get("select") or []):
         if name not in plain["benchmarks"]:
             configured = ", ".join(plain["benchmarks"]) or "(none)"

@@ -20,8 +20,9 @@ def markdown_table(scores: dict[str, dict], scorings: list[str]) -> str:
     lines = ["| benchmark | metric | " + " | ".join(scorings) + " | samples |",
              "|---|---|" + "---:|" * len(scorings) + "---:|"]
     for name, result in scores.items():
-        metrics = dict.fromkeys(m for s in scorings for m in result[s] if "/" not in m)
+        # A scoring the benchmark does not offer (GQA has no "evalai") is absent: shown as "-".
+        metrics = dict.fromkeys(m for s in scorings for m in result.get(s, {}) if "/" not in m)
         for metric in metrics:
-            values = [f"{result[s][metric]:.2f}" if metric in result[s] else "-" for s in scorings]
+            values = [f"{result[s][metric]:.2f}" if metric in result.get(s, {}) else "-" for s in scorings]
             lines.append(f"| {name} | {metric} | " + " | ".join(values) + f" | {result['samples']} |")
     return "\n".join(lines) + "\n"

@@ -1,23 +1,23 @@
-"""VQA in the LAVIS / MiniGPT-4 annotation layout: the official VQA accuracy.
+"""VQA in the LAVIS / MiniGPT-4 annotation layout: VQA accuracy.
 
 File: a list of {question_id, question, answer (a list of human answers, or one string), image};
 images `<image_root>/<image>`. The toy world's held-out questions use it, so the offline demo
 model is scored by the same runner as the real benchmarks. `prompt` is the instruction the model
-was trained with ({} is the question)."""
+was trained with ({} is the question). Scorings as for VQAv2 / OK-VQA (`vqa.VQAScorings`).
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import (IMAGE_PROMPT, SHORT_ANSWER, Benchmark, Sample, accuracy_by, clean_reply,
-                         read_json_list, require)
-from ..metrics import vqa_accuracy, vqa_accuracy_original
+from ..benchmark import IMAGE_PROMPT, SHORT_ANSWER, Benchmark, Sample, read_json_list, require
+from .vqa import VQAScorings
 
 
 @BENCHMARKS.register("lavis_vqa")
 @dataclass(kw_only=True)
-class LavisVQA(Benchmark):
+class LavisVQA(VQAScorings, Benchmark):
     annotations: LocalPath
     image_root: LocalPath
     prompt: str = SHORT_ANSWER
@@ -32,10 +32,3 @@ class LavisVQA(Benchmark):
                 prompt=IMAGE_PROMPT.format(self.prompt.format(require(record, "question", where, str))),
                 target={"answers": [answers] if isinstance(answers, str) else answers}))
         return samples
-
-    def score_official(self, rows: list[dict]) -> dict[str, float]:
-        return accuracy_by(rows, lambda row: vqa_accuracy(clean_reply(row["prediction"]), row["target"]["answers"]))
-
-    def score_original(self, rows: list[dict]) -> dict[str, float]:
-        return accuracy_by(rows, lambda row: vqa_accuracy_original(clean_reply(row["prediction"]),
-                                                                   row["target"]["answers"]))
