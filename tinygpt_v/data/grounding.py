@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from ..registry import DATASETS, PROCESSORS, ConfigError, LocalPath, Part
 from . import prompts
-from .base import (MapDataset, SkipSample, build_processors, format_box, image_file, image_prompt, read_json,
+from .base import (MapDataset, SkipSample, build_processors, format_box, image_file, read_json,
                    read_plain_pickle, record_field, require_dir, require_file)
 
 DEFAULT_VIS = {"name": "blip2_image_train", "image_size": 448}
@@ -57,7 +57,7 @@ class RefCOCO(MapDataset):
             prompt, answer = rng.choice(prompts.IDENTIFY).format(box), expression
         else:
             prompt, answer = rng.choice(prompts.REFER).format(expression), box
-        return self.sample(ref.get("ref_id", index), image_prompt(prompt), answer, image)
+        return self.sample(ref.get("ref_id", index), prompts.image_instruction(prompt), answer, image)
 
 
 def _read_refs(ann_root: str, dataset: str, split_by: str, split: str) -> list:
@@ -152,7 +152,7 @@ class Flickr30kEntities(MapDataset):
         if not boxed:
             raise SkipSample("bad_record", f"Flickr30k {image_id}: the sentence has no boxed phrase")
         prompt, answer = self._task_text(sentence, boxed, rng)
-        return self.sample(image_id, image_prompt(prompt), answer, image)
+        return self.sample(image_id, prompts.image_instruction(prompt), answer, image)
 
     def _annotation(self, image_id: str, rng: random.Random):
         sentences_path = os.path.join(self.entities_root, "Sentences", f"{image_id}.txt")
@@ -233,7 +233,7 @@ class VisualGenomeRefer(MapDataset):
         image, (width, height) = self.image(os.path.join(self.image_root, file), rng)
         box = format_box((x, y, x + w, y + h), width, height)
         prompt = rng.choice(prompts.REFER).format(expression)
-        return self.sample(region_id, image_prompt(prompt), box, image)
+        return self.sample(region_id, prompts.image_instruction(prompt), box, image)
 
 
 def _vg_records(data_root: str, max_region_area: int) -> list[tuple]:

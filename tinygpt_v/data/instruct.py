@@ -4,9 +4,12 @@ LLaVA files (`conversation_58k.json`, `detail_23k.json`, `complex_reasoning_77k.
 `multitask_conversation.json` are lists of
   {"id": "000000215677", "image": "000000215677.jpg",
    "conversations": [{"from": "human", "value": "<image>\\nWhat ..."}, {"from": "gpt", "value": "..."}, ...]}
-Conversations become multi-turn samples (one prompt and one answer per turn); detail and
-reasoning use their first turn, as the original. The `<image>` tag of the first question is
-replaced by our image placeholder at the front.
+Text is built as the original's `llava_dataset.py` / `multitask_conversation.py` build it:
+the first question loses its `<image>` tag and every newline, is stripped and becomes
+`<Img><ImageHere></Img> {question} ` (trailing space); later questions get a trailing space;
+answers are used exactly as written. Conversations become multi-turn samples (one prompt and
+one answer per turn); detail and reasoning use their first turn, and only there does the
+text processor (`blip_caption` in the paper's configs) clean the question, as the original.
 
 Unnatural Instructions (`core_data.jsonl`, or a JSON list of the same records) is text only:
   {"instruction": ..., "instances": [{"instruction_with_input", "constraints", "output"}]}
@@ -18,10 +21,21 @@ import random
 from typing import Annotated
 
 from ..registry import DATASETS, PROCESSORS, LocalPath, Part
-from .base import (MapDataset, SkipSample, build_processors, check_first_record, image_file, image_prompt,
-                   read_records, record_field, require_dir)
+from .base import (MapDataset, SkipSample, build_processors, check_first_record, image_file, read_records,
+                   record_field, require_dir)
+from .prompts import image_instruction
 
 DEFAULT_VIS = {"name": "blip2_image_train", "image_size": 448}
+
+
+def as_written(value, what: str = "text") -> str:
+    """Text used exactly as the file has it (the original applies no processor there);
+    a missing or blank value still skips the sample."""
+    if not isinstance(value, str):
+        raise SkipSample("bad_record", f"{what} is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise SkipSample("empty_text", f"empty {what}")
+    return value
 
 
 class ConversationDataset(MapDataset):
@@ -33,15 +47,18 @@ class ConversationDataset(MapDataset):
     def load(self, index: int, rng: random.Random) -> dict:
         record = self.records[index]
         questions, answers = self._turns(record_field(record, "conversations"))
-        if not self.multi_turn:
-            questions, answers = questions[:1], answers[:1]
-        questions = [self.text(q, "question") for q in questions]
-        answers = [self.text(a, "answer") for a in answers]
-        questions[0] = image_prompt(questions[0])
+        first = as_written(questions[0].replace("<image>", "").replace("\n", "").strip(), "first question")
         path = os.path.join(self.image_root, image_file(self.image_pattern, record))
         image, _ = self.image(path, rng)
-        if not self.multi_turn:
-            return self.sample(record.get("id", index), questions[0], answers[0], image)
+        if not self.multi_turn:  # llava_detail / llava_reason: the processor cleans the question
+            question = self.text(first, "question") if self.text_processor else first
+            return self.sample(record.get("id", index), image_instruction(question),
+                               as_written(answers[0], "answer"), image)
+        questions = [image_instruction(first)] + [as_written(q, "question") + " " for q in questions[1:]]
+        answers = [as_written(a, "answer") for a in answers]
+        if self.text_processor:  # not in the original; applied only when a config asks for it
+            questions = [questions[0]] + [self.text(q, "question") for q in questions[1:]]
+            answers = [self.text(a, "answer") for a in answers]
         return self.sample(record.get("id", index), questions, answers, image)
 
     @staticmethod
@@ -59,8 +76,6 @@ class ConversationDataset(MapDataset):
             if not isinstance(value, str):
                 raise SkipSample("bad_record", f"turn {i} has no text value")
             (questions if i % 2 == 0 else answers).append(value)
-        # LLaVA writes the image tag as "<image>\n" before or "\n<image>" after the first question
-        questions[0] = questions[0].replace("<image>", "").strip()
         return questions, answers
 
 
@@ -119,7 +134,7 @@ class UnnaturalInstructions(MapDataset):
         instance = instances[0]
         instruction = record_field(instance, "instruction_with_input")
         constraints = instance.get("constraints")
-        if constraints:
+        if constraints is not None:  # as the original: even an empty constraint adds the space
             instruction = f"{instruction} {constraints}"
         answer = record_field(instance, "output")
         return self.sample(index, self.text(instruction, "instruction"), self.text(answer, "output"))

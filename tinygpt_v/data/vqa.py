@@ -13,7 +13,9 @@ Annotation files are the ones the original reads:
 * OCR-VQA: `dataset.json` = {image id: {"imageURL", "questions", "answers", "split"}}, split 1 = train.
 
 With several human answers, one is drawn per sample weighted by how many annotators gave it,
-as the original does. The question is cleaned by the text processor (`blip_caption` by default).
+as the original does. The question and the drawn answer are cleaned by the text processor
+(`blip_caption` by default), and the instruction is `<Img><ImageHere></Img> [vqa] ... ` with
+the original's trailing space.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from typing import Annotated
 
 from ..registry import DATASETS, PROCESSORS, ConfigError, LocalPath, Part
 from . import prompts
-from .base import (MapDataset, SkipSample, build_processors, check_first_record, image_file, image_prompt, read_json,
-                   record_field, require_dir)
+from .base import (MapDataset, SkipSample, build_processors, check_first_record, image_file, read_json, record_field,
+                   require_dir)
 
 DEFAULT_VIS = {"name": "blip2_image_train", "image_size": 448}
 BLIP_CAPTION = {"name": "blip_caption"}
@@ -43,8 +45,9 @@ class VQADataset(MapDataset):
         answer = pick_answer(record_field(record, self.answer_field), rng)
         if not answer.strip():
             raise SkipSample("empty_text", f"question {record.get('question_id', index)}: empty answer")
+        answer = self.text(answer, "answer")
         image, _ = self.image(os.path.join(self.image_root, image_file(self.image_pattern, record)), rng)
-        prompt = image_prompt(rng.choice(self.templates).format(question))
+        prompt = prompts.image_instruction(rng.choice(self.templates).format(question))
         return self.sample(record.get("question_id", index), prompt, answer, image)
 
 
