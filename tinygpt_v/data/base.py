@@ -35,10 +35,11 @@ from .images import SkipSample, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<Img><ImageHere></Img>"
+IMAGE_MARKER = "<ImageHere>"  # where the model splices the image embeddings
+IMAGE_PLACEHOLDER = f"<Img>{IMAGE_MARKER}</Img>"
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default for Image.MAX_IMAGE_PIXELS
 
-__all__ = ["IMAGE_PLACEHOLDER", "MapDataset", "StreamDataset", "SkipSample", "SkipCounter",
+__all__ = ["IMAGE_MARKER", "IMAGE_PLACEHOLDER", "MapDataset", "StreamDataset", "SkipSample", "SkipCounter",
            "image_prompt", "format_box", "sample_rng", "read_json", "read_records",
            "read_plain_pickle", "require_dir", "require_file", "build_processors"]
 
@@ -123,13 +124,45 @@ class _Dataset:
             raise SkipSample("empty_text", f"empty {what}")
         return out
 
-    def image(self, source: str | bytes, rng: random.Random):
-        """Read + RGB-convert + process; returns (tensor, (width, height) of the original)."""
-        picture = load_image(source, self.max_image_pixels)
+    def image(self, source: str | bytes, rng: random.Random, where: str | None = None):
+        """Read + RGB-convert + process; returns (tensor, (width, height) of the original).
+        `where` names the image in skip messages (default: its path)."""
+        picture = load_image(source, self.max_image_pixels, where)
         return self.vis_processor(picture, rng=rng), picture.size
 
     def sample(self, key: str, prompt, answer, image: torch.Tensor | None = None) -> dict:
+        """The sample dict; a sample the model could not take is skipped here (see check_sample_text)."""
+        check_sample_text(key, prompt, answer, has_image=image is not None)
         return {"image": image, "prompt": prompt, "answer": answer, "id": str(key), "dataset": self.name}
+
+
+def check_sample_text(key, prompt, answer, has_image: bool) -> None:
+    """Skip (`stray_image_marker`, `missing_image_marker`) a sample whose text would break the image splice.
+
+    The model replaces the one `<ImageHere>` of a sample's prompt by the image; an instruction,
+    caption or answer that itself contains the literal marker (scraped web text, a conversation
+    quoting a prompt) would make two markers, or one in a text-only sample, and `forward` would
+    raise at that step, on every resume. Such samples are bad data, found here, before batching."""
+    prompts, answers = _turns(key, prompt, "prompt"), _turns(key, answer, "answer")
+    if len(prompts) != len(answers):
+        raise SkipSample("bad_record", f"sample {key}: {len(prompts)} prompts but {len(answers)} answers")
+    expected = 1 if has_image else 0
+    in_prompt = sum(p.count(IMAGE_MARKER) for p in prompts)
+    in_answer = sum(a.count(IMAGE_MARKER) for a in answers)
+    if in_prompt == expected and not in_answer:
+        return
+    found = (f"sample {key}: {in_prompt} {IMAGE_MARKER} in the prompt and {in_answer} in the answer; a sample "
+             f"{'with' if has_image else 'without'} an image takes {expected}, in the prompt")
+    if in_prompt < expected:  # a prompt template without the marker
+        raise SkipSample("missing_image_marker", found)
+    raise SkipSample("stray_image_marker", f"{found} (the instruction or answer text holds the literal marker)")
+
+
+def _turns(key, text, what: str) -> list[str]:
+    turns = list(text) if isinstance(text, (list, tuple)) else [text]
+    if not turns or not all(isinstance(t, str) for t in turns):
+        raise SkipSample("bad_record", f"sample {key}: {what} must be a string or a non-empty list of strings")
+    return turns
 
 
 class MapDataset(_Dataset):
@@ -142,6 +175,14 @@ class MapDataset(_Dataset):
 
     def load(self, index: int, rng: random.Random) -> dict:
         raise NotImplementedError
+
+    def load_checked(self, index: int, rng: random.Random) -> dict:
+        """`load`, but a record that is not an object (see `check_first_record`) is skipped
+        with its file and index, before the dataset's own code sees it."""
+        record = self.records[index]
+        if isinstance(record, BadRecord):
+            raise SkipSample("bad_record", record.describe())
+        return self.load(index, rng)
 
 
 class StreamDataset(_Dataset):
@@ -177,46 +218,112 @@ def require_file(path: str, key: str) -> str:
 
 
 def read_json(path: str, key: str) -> Any:
-    """A whole-file JSON document; a syntax error names file, line and column."""
+    """A whole-file JSON document; a syntax error names file, line and column, bytes that are
+    not UTF-8 the file and byte offset."""
     require_file(path, key)
-    with open(os.path.expanduser(path), encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(key, f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    with open(os.path.expanduser(path), "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")  # JSON is UTF-8; a leading byte-order mark is tolerated
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, f"{path}: not UTF-8 text: byte {e.start} is 0x{data[e.start]:02x} ({e.reason}); "
+                               f"JSON files must be UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(key, f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def read_records(path: str, key: str, skips: SkipCounter) -> list:
-    """A list of records from `.json` (a list) or `.jsonl` (one record a line).
+    """A list of records (JSON objects) from `.json` (a list) or `.jsonl` (one record a line).
 
-    In JSON-lines files a malformed line is skipped and counted (`malformed_json`); a `.json`
-    file that does not parse is an error, as nothing in it can be trusted."""
+    In JSON-lines files a line that is not UTF-8 or does not parse is skipped and counted
+    (`malformed_json`), a line holding a string, number, null or list instead of an object too
+    (`bad_record`); each message names file and line. A `.json` file that does not parse is an
+    error, as nothing in it can be trusted (its non-object records: see `check_first_record`)."""
     if not path.endswith(".jsonl"):
         data = read_json(path, key)
         if not isinstance(data, list):
             raise ConfigError(key, f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return data
     records = []
-    with open(require_file(path, key), encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(require_file(path, key), "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                skips.add("malformed_json", f"{path} line {lineno}: {e.msg}")
+                record = _json_line(raw, first=lineno == 1)
+            except SkipSample as skip:
+                skips.add(skip.reason, f"{path} line {lineno}: {skip.detail}")
+                continue
+            if record is not _BLANK:
+                records.append(record)
     return records
+
+
+_BLANK = object()
+
+
+def _json_line(raw: bytes, first: bool) -> Any:
+    """One line of a JSON-lines file -> its object (`_BLANK` for an empty line)."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample("malformed_json", f"not UTF-8 text: byte {e.start} of the line is "
+                                           f"0x{raw[e.start]:02x} ({e.reason})") from None
+    if not line.strip():
+        return _BLANK
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SkipSample("malformed_json", f"column {e.colno}: {e.msg}") from None
+    if not isinstance(record, Mapping):
+        raise SkipSample("bad_record", f"a JSON {_json_kind(record)} where a record (an object) belongs")
+    return record
+
+
+def _json_kind(value: Any) -> str:
+    return {str: "string", int: "number", float: "number", bool: "boolean", list: "list",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class BadRecord(Mapping):
+    """Stands in for an annotation record that is not an object, so the list keeps its length
+    (the loader's positions and a resume depend on it). An empty mapping: any dataset code that
+    reads it finds no keys and skips the sample; `MapDataset.load_checked` names file and index."""
+
+    def __init__(self, path: str, index: int, value: Any):
+        self.path, self.index, self.kind = path, index, _json_kind(value)
+
+    def describe(self) -> str:
+        return f"{self.path} record {self.index}: a JSON {self.kind} where a record (an object) belongs"
+
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def check_first_record(records: list, required: Sequence[str], path: str, key: str) -> None:
     """Fail at start-up when the file is not the expected format at all (checked on record 0;
-    a later record missing a key is skipped as `bad_record`)."""
+    a later record missing a key is skipped as `bad_record` when drawn).
+
+    Later records that are not objects (a string, number, null or list) are replaced, in place,
+    by `BadRecord`s: skipped as `bad_record` when drawn, the message naming file and index."""
     if not records:
         raise ConfigError(key, f"{path}: no records")
     first = records[0]
-    missing = [k for k in required if not isinstance(first, Mapping) or k not in first]
+    if not isinstance(first, Mapping):
+        raise ConfigError(key, f"{path}: record 0 is a JSON {_json_kind(first)}, expected an object with "
+                               f"key(s) {list(required)}; is this the right file?")
+    missing = [k for k in required if k not in first]
     if missing:
         raise ConfigError(key, f"{path}: record 0 lacks key(s) {missing}; is this the right file?")
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            records[index] = BadRecord(path, index, record)
 
 
 class _PlainUnpickler(pickle.Unpickler):

@@ -31,9 +31,13 @@ class SkipSample(Exception):
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def load_image(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
-    """Open, check size, decode and convert to RGB; raise SkipSample on bad input."""
-    where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+def load_image(source: str | os.PathLike | bytes, max_pixels: int | None, where: str | None = None) -> Image.Image:
+    """Open, check size, decode and convert to RGB; raise SkipSample on bad input.
+
+    `where` names the image in messages (a shard and sample key for bytes from a tar shard);
+    by default the file path."""
+    if where is None:
+        where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     data = _read_bytes(source, where)
     try:
         # PIL itself raises above twice Image.MAX_IMAGE_PIXELS (a header-only check); our
@@ -41,7 +45,10 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int | None) -> Ima
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise SkipSample("decompression_bomb", f"{where}: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # PIL's own message names only an in-memory buffer object
+        raise SkipSample("unreadable_image", f"{where}: cannot identify image file "
+                                             f"(not an image format PIL reads; {len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise SkipSample("unreadable_image", f"{where}: {e}") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
@@ -64,6 +71,8 @@ def _read_bytes(source, where: str) -> bytes:
             raise SkipSample("missing_image", where) from None
         except IsADirectoryError:
             raise SkipSample("missing_image", f"{where} is a directory") from None
+        except OSError as e:  # permission denied, I/O error: this image is lost, not the run
+            raise SkipSample("unreadable_image", f"{where}: {e.strerror or e}") from None
     if not data:
         raise SkipSample("empty_file", where)
     return data

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -157,7 +159,12 @@ class MapSource:
 
     def load(self, task: tuple) -> dict:
         index, rng = task
-        return self.dataset.load(index, rng)
+        try:
+            return self.dataset.load_checked(index, rng)
+        except SkipSample as skip:
+            if re.search(rf"\brecord {index}\b", skip.detail):  # the dataset named it already
+                raise
+            raise SkipSample(skip.reason, f"record {index}: {skip.detail}") from None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -227,6 +234,7 @@ class MixedLoader:
         total = sum(ratios[n] for n in self.names)
         self.ratios = {n: ratios[n] / total for n in self.names}
         self.seed, self.step = seed, 0
+        self.used: Counter[str] = Counter()  # samples put in a batch, per dataset
         self.sources = {n: _source(d, seed, rank, world_size) for n, d in self.datasets.items()}
         self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
 
@@ -258,6 +266,7 @@ class MixedLoader:
                 else:
                     samples.append(result)
                     skipped_in_a_row = 0
+        self.used[name] += len(samples)
         return collate(samples)
 
     def _load_all(self, source, tasks: list) -> list:
@@ -272,17 +281,33 @@ class MixedLoader:
         """Skipped samples so far, {dataset: {reason: count}} (datasets without skips omitted)."""
         return {n: d.skips.as_dict() for n, d in self.datasets.items() if d.skips.counts}
 
+    def health_summary(self) -> list[str]:
+        """One line per dataset for the end of a run: samples used and skipped by reason (this
+        process's share; the counts survive a resume), e.g.
+
+            data coco_vqa: 1200 samples used, 3 skipped (stray_image_marker 2, truncated_image 1)
+        """
+        lines = []
+        for name, dataset in self.datasets.items():
+            skips = dataset.skips.as_dict()
+            skipped = f"{sum(skips.values())} skipped ({', '.join(f'{r} {n}' for r, n in skips.items())})" \
+                if skips else "none skipped"
+            lines.append(f"data {name}: {self.used[name]} samples used, {skipped}")
+        return lines
+
     def state_dict(self) -> dict:
         """Plain ints and dicts: safe for `torch.load(weights_only=True)` and JSON."""
         return {"step": self.step,
                 "sources": {n: s.state_dict() for n, s in self.sources.items()},
-                "skips": {n: d.skips.as_dict() for n, d in self.datasets.items()}}
+                "skips": {n: d.skips.as_dict() for n, d in self.datasets.items()},
+                "used": {n: self.used[n] for n in self.names}}
 
     def load_state_dict(self, state: Mapping) -> None:
         missing = set(self.names) - set(state["sources"])
         if missing:
             raise ValueError(f"the saved data position has no entry for dataset(s) {sorted(missing)}")
         self.step = int(state["step"])
+        self.used = Counter({n: int(c) for n, c in state.get("used", {}).items() if n in self.datasets})
         for name, source in self.sources.items():
             source.load_state_dict(state["sources"][name])
             self.datasets[name].skips.counts.clear()

@@ -68,17 +68,25 @@ class WebDatasetPairs(StreamDataset):
 
     def _read(self, shards: list[str]) -> Iterator[dict]:
         for shard in shards:
-            yield from group_by_keys(self._members(shard))
+            yield from group_by_keys(self._members(shard), handler=self._grouping_error(shard))
+
+    def _grouping_error(self, shard: str):
+        """A member name met twice in one sample (`a.jpg`, `a.jpg`): keep the first, count it."""
+        def handle(error: Exception) -> bool:
+            what = error.args[0] if error.args else repr(error)
+            self.skips.add("duplicate_member", f"{shard}: {what} (the first is kept)")
+            return True  # go on with the next member
+        return handle
 
     def _members(self, shard: str) -> Iterator[dict]:
-        with open(shard, "rb") as f:
-            try:
+        try:
+            with open(shard, "rb") as f:
                 for member in tar_file_iterator(f):
                     member["__url__"] = shard
                     yield member
-            except (tarfile.TarError, OSError, EOFError) as e:
-                # a truncated shard: keep what came before, count it once, go on to the next
-                self.skips.add("truncated_tar", f"{shard}: {e}")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            # a truncated (or vanished) shard: keep what came before, count it once, go on to the next
+            self.skips.add("truncated_tar", f"{shard}: {e}")
         yield {}  # end-of-shard marker for group_by_keys
 
     # --- decoding ---
@@ -88,8 +96,10 @@ class WebDatasetPairs(StreamDataset):
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         caption = self._caption(raw, where)
         if image_bytes is None:
-            raise SkipSample("incomplete_sample", f"{where}: no image member")
-        image, _ = self.image(image_bytes, rng)
+            members = sorted(k for k in raw if not k.startswith("__"))
+            raise SkipSample("incomplete_sample", f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)}); "
+                                                  f"it has {members}")
+        image, _ = self.image(image_bytes, rng, where)
         return self.sample(raw["__key__"], image_prompt(), self.text(caption, f"caption of {where}"), image)
 
     @staticmethod

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from .benchmark import Benchmark, Sample
-from .images import image_transform, load_image
+from .images import BadImageError, image_transform, load_image
 from .loading import model_image_size
 from .settings import EvalSettings
 from .store import PredictionStore
@@ -93,7 +93,7 @@ def predict_samples(model, samples: list[Sample], store: PredictionStore, genera
     mine = todo[state.process_index::state.num_processes]
     progress = tqdm(total=len(todo), desc=store.name, disable=not (show_progress and state.is_main_process))
     with torch.inference_mode():
-        for batch, images in _batches(mine, generation.batch_size, transform, device_of(model)):
+        for batch, images in _batches(mine, generation.batch_size, transform, device_of(model), store.name):
             rows = _predict(model, batch, images, generation)
             store.append(state.process_index, rows)
             progress.update(len(rows) * state.num_processes)  # the others advance at the same pace
@@ -117,23 +117,23 @@ def _predict(model, batch: list[Sample], images: torch.Tensor | None, generation
     return [{"id": s.id, "prompt": s.prompt, "prediction": p, "target": s.target} for s, p in zip(batch, predictions)]
 
 
-def _batches(samples: list[Sample], batch_size: int, transform: Callable,
-             device: torch.device) -> Iterator[tuple[list[Sample], torch.Tensor | None]]:
+def _batches(samples: list[Sample], batch_size: int, transform: Callable, device: torch.device,
+             benchmark: str = "") -> Iterator[tuple[list[Sample], torch.Tensor | None]]:
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         if all(s.image is None for s in batch):
             yield batch, None
             continue
-        yield batch, torch.stack([_load(s, transform) for s in batch]).to(device)
+        yield batch, torch.stack([_load(s, transform, benchmark) for s in batch]).to(device)
 
 
-def _load(sample: Sample, transform: Callable) -> torch.Tensor:
+def _load(sample: Sample, transform: Callable, benchmark: str = "") -> torch.Tensor:
     if sample.image is None:
         raise ValueError(f"sample {sample.id} has no image but others in its batch do")
     try:
         return load_image(sample.image, transform)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image of sample {sample.id} not found: {sample.image}") from None
+    except BadImageError as e:  # names the file; add the benchmark and sample
+        raise BadImageError(f"benchmark {benchmark}, sample {sample.id}: {e}") from None
 
 
 def _check_same_prompts(name: str, samples: list[Sample], done: dict[str, dict]) -> None:
