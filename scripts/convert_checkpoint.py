@@ -12,6 +12,10 @@
   # the original's fused query_key_value Phi-2 folder -> today's transformers layout (llm.pretrained)
   python scripts/convert_checkpoint.py phi old_phi2/ --out phi2/
 
+  # a pickled .pth that the loaders refuse because it holds Python code or objects (they never run
+  # it): only for a file you trust, unpickle it once, here, and keep its tensors as safetensors
+  python scripts/convert_checkpoint.py unpickle old_model.pth --trust-pickle --out old_model.safetensors
+
   # a trained model (config + its pretrained sources + model.ckpt) -> self-contained folder that
   # TinyGPTV.from_pretrained(folder) loads with no other file
   python scripts/convert_checkpoint.py export --config train_configs/stage4.yaml --out tinygpt_v_stage4/ \
@@ -71,6 +75,15 @@ def cmd_phi(args) -> int:
     return 0
 
 
+def cmd_unpickle(args) -> int:
+    from tinygpt_v.checkpoints.files import convert_trusted_pickle
+    if not args.trust_pickle:
+        raise SystemExit("unpickle runs whatever code the file holds: add --trust-pickle if you trust where it "
+                         "came from")
+    print(f"wrote {convert_trusted_pickle(args.source, args.out)}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from tinygpt_v.models import build_model
     section = model_section(args.config, args.options)
@@ -100,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     phi.add_argument("source")
     phi.add_argument("--out", required=True)
     phi.set_defaults(run=cmd_phi)
+
+    unpickle = sub.add_parser("unpickle", help="a trusted pickled checkpoint -> safetensors (runs its code!)")
+    unpickle.add_argument("source")
+    unpickle.add_argument("--out", required=True, help="output .safetensors")
+    unpickle.add_argument("--trust-pickle", action="store_true",
+                          help="required: you trust the file, since unpickling runs the code it holds")
+    unpickle.set_defaults(run=cmd_unpickle)
 
     export = sub.add_parser("export", help="build a model from a config and write a self-contained folder")
     export.add_argument("--config", required=True)

@@ -317,3 +317,72 @@ def test_disk_full_errno_is_kept(tmp_path):
     with pytest.raises(OSError) as error:
         save_checkpoint(Full(), None, None, tmp_path, "checkpoint_1", {"step": 1})
     assert error.value.errno == errno.ENOSPC
+
+
+# --- item 7 (and issue 20 item 4): a pickle with code in it ---------------------------------------------
+
+class RunsAShellCommand:
+    """Unpickling this calls os.system (posix.system): what a malicious .pth does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class Harmless:
+    """A non-tensor object in a checkpoint the user trusts (an old training script's config)."""
+
+    def __init__(self):
+        self.lr = 1e-4
+
+
+def test_malicious_pickle_is_refused_unrun_and_explained(toy_root, tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": RunsAShellCommand(marker)}, evil)
+    config = tiny_config(toy_root, tmp_path / "out")
+    config["model"]["ckpt"] = str(evil)
+    status, lines = run_train_script(capsys, "--cfg-path", str(write_yaml(tmp_path / "c.yaml", config)))
+    assert not marker.exists()  # nothing ran
+    assert status == 1
+    message = lines[-1]
+    assert message.startswith(f"error: {evil}: holds Python code or objects other than tensors")
+    assert "posix.system" in message and "refused for safety" in message
+    assert "weights_only" not in message and "corrupt" not in message  # no advice to disable the check
+    assert f"convert_checkpoint.py unpickle {evil} --trust-pickle" in message
+
+
+@pytest.mark.parametrize("torch_text, refused", [
+    ("Weights only load failed. ... Trying to load unsupported GLOBAL posix.system whose module posix is "
+     "blocked.", "posix.system"),                                       # torch 2.14
+    ("Weights only load failed ... Unsupported global: GLOBAL __main__.Evil was not an allowed global by "
+     "default.", "__main__.Evil"),                                      # torch 2.4-2.6
+    ("Weights only load failed ... Unsupported operand 202", None),     # random bytes: damage, not code
+])
+def test_refusals_are_told_from_damage_in_every_torch_wording(torch_text, refused):
+    from tinygpt_v.checkpoints.files import pickled_code
+    assert pickled_code(Exception(torch_text)) == refused
+
+
+def test_a_trusted_pickle_converts_with_an_explicit_flag_only(tmp_path, capsys):
+    import importlib.util
+
+    from tinygpt_v.checkpoints import read_state_dict
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "scripts/convert_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    state = {"a": torch.arange(4.0), "b": torch.ones(2, 3)}
+    source, out = tmp_path / "old.pth", tmp_path / "old.safetensors"
+    torch.save({"model": {**state, "settings": Harmless()}}, source)
+    from tinygpt_v.checkpoints import CheckpointError
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        read_state_dict(source)
+    with pytest.raises(SystemExit, match="--trust-pickle"):
+        script.main(["unpickle", str(source), "--out", str(out)])
+    assert not out.exists()
+    assert script.main(["unpickle", str(source), "--trust-pickle", "--out", str(out)]) == 0
+    assert "left out 1 non-tensor entries: settings" in capsys.readouterr().out
+    converted = read_state_dict(out)
+    assert set(converted) == {"a", "b"} and all(torch.equal(converted[k], state[k]) for k in state)

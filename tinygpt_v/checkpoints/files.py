@@ -2,7 +2,8 @@
 
 Foreign files (`.pth`, `.bin`) are read with `torch.load(weights_only=True)`: plain pickle can
 run arbitrary code, so a file holding more than tensors and plain containers is refused
-rather than trusted. Safetensors files are opened lazily, so taking the vision weights out of
+rather than trusted. The refusal says what the file asked to run and how to convert it once,
+explicitly, if the user trusts it (`convert_checkpoint.py unpickle --trust-pickle`). Safetensors files are opened lazily, so taking the vision weights out of
 a 15 GB Hugging Face BLIP-2 folder reads only those.
 
 Our own files are written atomically (temporary file + `os.replace`): a crash while saving
@@ -102,16 +103,49 @@ def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = _unpickler_detail(e)
-        if "global" in detail:  # a class or function reference: code we refuse to run
-            raise CheckpointError(path, "holds Python objects other than tensors, so it is not loaded "
-                                        f"(weights_only=True refuses to run pickled code): {detail}") from e
+        code = pickled_code(e)
+        if code is not None:
+            raise CheckpointError(path, unsafe_pickle_message(path, code)) from None
         raise CheckpointError(path, f"cannot be read as a torch checkpoint; the file is corrupt or "
-                                    f"truncated (an interrupted download?): {detail}") from e
+                                    f"truncated (an interrupted download?): {_unpickler_detail(e)}") from None
     except Exception as e:
         raise CheckpointError(path, f"cannot be read as a torch checkpoint; the file is corrupt or "
-                                    f"truncated (an interrupted download?): {type(e).__name__}: {e}") from e
+                                    f"truncated (an interrupted download?): {type(e).__name__}: "
+                                    f"{_without_advice(str(e))}") from None
     return _unwrap_state_dict(path, obj)
+
+
+# How torch's weights_only unpickler names the import it refused, across versions: "Unsupported
+# global: GLOBAL __main__.Evil was not an allowed global", "unsupported GLOBAL posix.system whose
+# module posix is blocked", "Unsupported class ...". (Calling anything needs such an import
+# first. "Unsupported operand N" is what random bytes give: damage, not code.)
+_REFUSED = (re.compile(r"GLOBAL\s+([\w.]+)", re.IGNORECASE),
+            re.compile(r"unsupported (?:class|global)\W+([\w.]+)", re.IGNORECASE))
+
+
+def pickled_code(error: Exception) -> str | None:
+    """What torch's safe unpickler refused (e.g. `posix.system`), or None if it is not that kind
+    of refusal (a damaged file)."""
+    text = str(error)
+    for pattern in _REFUSED:
+        found = pattern.search(text)
+        if found:
+            return found.group(1)
+    return None
+
+
+def unsafe_pickle_message(path: Path, code: str) -> str:
+    return (f"holds Python code or objects other than tensors (it asks to run or build {code}), so it was "
+            f"refused for safety: loading it could run that code on this machine. Only if you trust where the "
+            f"file came from, convert it once to safetensors with: python scripts/convert_checkpoint.py "
+            f"unpickle {path} --trust-pickle --out {Path(path).with_suffix('.safetensors').name}")
+
+
+def _without_advice(text: str) -> str:
+    """torch's message minus its advice to retry with weights_only=False (never ours to give)."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    return " ".join(s for s in sentences if "weights_only" not in s and "arbitrary code" not in s
+                    and "trusted source" not in s)
 
 
 def _unpickler_detail(error: Exception) -> str:
@@ -120,7 +154,32 @@ def _unpickler_detail(error: Exception) -> str:
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
-    return " ".join(text.split())
+    return _without_advice(text.split("Check the documentation", 1)[0])
+
+
+def convert_trusted_pickle(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The tensors of a pickled checkpoint that `read_state_dict` refuses, written as safetensors.
+
+    This UNPICKLES THE FILE WITH weights_only=False: whatever code it holds runs. It exists for
+    a file the user trusts (`convert_checkpoint.py unpickle --trust-pickle`); nothing in the
+    framework calls it. Non-tensor values are dropped, and said so."""
+    source = Path(source)
+    obj = torch.load(source, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping):
+        for key in NESTED_STATE_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(source, f"holds a {type(obj).__name__}, not a state dict (name -> tensor)")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(source, "holds no tensors")
+    dropped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if dropped:
+        print(f"{source}: left out {len(dropped)} non-tensor entries: {', '.join(dropped[:10])}"
+              f"{' ...' if len(dropped) > 10 else ''}")
+    return save_safetensors_atomic(tensors, out, {"converted_from": source.name})
 
 
 def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
