@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tinygpt_v.data import build_processor, build_train_loader
-from tinygpt_v.data.base import IMAGE_PLACEHOLDER, SkipSample, check_sample_text
+from tinygpt_v.data.base import IMAGE_PLACEHOLDER, SkipSample, check_sample_text, require_objects
 from tinygpt_v.data.pairs import WebDatasetPairs
 from tinygpt_v.evaluation import BenchmarkDataError, EvalSettings, build_benchmarks, evaluate
 from tinygpt_v.evaluation.images import BadImageError, image_transform, load_image
@@ -71,6 +71,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 BAD_IMAGES = {  # name -> (file bytes, the skip reason it must get)
     "truncated": (jpeg_bytes(1)[: len(jpeg_bytes(1)) * 2 // 3], "truncated_image"),
+    "truncated_png": (png_bytes(2, size=24)[: len(png_bytes(2, size=24)) * 3 // 4], "truncated_image"),
     "empty": (b"", "empty_file"),
     "not_an_image": (b"this is a text file with a .jpg name\n" * 4, "unreadable_image"),
     "bomb": (png_header_only(20_000, 20_000), "decompression_bomb"),
@@ -287,6 +288,16 @@ def test_a_first_record_that_is_not_an_object_is_a_start_up_error(tmp_path):
         loader_for(entry, builder)
 
 
+def test_require_objects_names_file_and_index():
+    """What start-up readers that build their own records (RefCOCO refs, Visual Genome) call."""
+    require_objects([{"a": 1}, {}], "refs.json", "ann_root")
+    for index, value, kind_name in [(1, "oops", "string"), (2, None, "null"), (1, [1], "list"), (0, 3.5, "number")]:
+        items = [{"a": 1}, {}, {}]
+        items[index] = value
+        with pytest.raises(ConfigError, match=rf"^ann_root: refs\.json: ref {index} is a JSON {kind_name}, expected"):
+            require_objects(items, "refs.json", "ann_root", what="ref")
+
+
 def test_jsonl_lines_that_are_not_objects_or_not_utf8_are_skipped_naming_file_and_line(tmp_path, caplog):
     good = {"instruction": "x", "instances": [{"instruction_with_input": "hi", "output": "hello"}]}
     lines = [json.dumps(good).encode(), json.dumps("a string").encode(), b"7", b"null", b"[1, 2]",
@@ -330,10 +341,11 @@ def test_a_json_file_that_is_not_utf8_is_one_error_naming_file_and_offset(tmp_pa
 # --- item 12: messages name the shard and key, the file and record, the benchmark and sample --------
 
 def test_shard_skips_name_the_shard_and_sample_key(tmp_path, caplog):
-    members = {"good": {"jpg": jpeg_bytes(0, 16), "txt": b"a photo"},
-               "png_named_jpg": {"jpg": png_bytes(1), "txt": b"a png with a jpg name"},  # content decides: used
-               **{name: {"jpg": data, "txt": b"x"} for name, (data, _) in BAD_IMAGES.items()},
-               "gif_only": {"gif": b"GIF89a", "txt": b"x"}}
+    # the good samples last: whatever the shard order, the third good one comes after every bad one
+    members = {**{name: {"jpg": data, "txt": b"x"} for name, (data, _) in BAD_IMAGES.items()},
+               "gif_only": {"gif": b"GIF89a", "txt": b"x"},
+               "good": {"jpg": jpeg_bytes(0, 16), "txt": b"a photo"},
+               "png_named_jpg": {"jpg": png_bytes(1), "txt": b"a png with a jpg name"}}  # content decides: used
     shard = tar_shard(tmp_path / "00000.tar", members)
     with tarfile.open(tmp_path / "00001.tar", "w") as tar:  # one sample with its caption twice
         for name, data in (("dup.jpg", jpeg_bytes(3, 16)), ("dup.txt", b"first"), ("dup.txt", b"second")):
@@ -355,7 +367,7 @@ def test_shard_skips_name_the_shard_and_sample_key(tmp_path, caplog):
     (duplicate,) = skip_messages(caplog, "duplicate_member")
     assert f"{tmp_path / '00001.tar'}: dup.txt: duplicate file name" in duplicate
     assert loader.skip_counts()["data"] == {"decompression_bomb": 1, "duplicate_member": 1, "empty_file": 1,
-                                            "incomplete_sample": 1, "truncated_image": 1, "unreadable_image": 1}
+                                            "incomplete_sample": 1, "truncated_image": 2, "unreadable_image": 1}
 
 
 def test_map_image_skips_name_the_file_and_record(tmp_path, caplog):

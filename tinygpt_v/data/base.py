@@ -326,6 +326,15 @@ def check_first_record(records: list, required: Sequence[str], path: str, key: s
             records[index] = BadRecord(path, index, record)
 
 
+def require_objects(items: Sequence, path: str, key: str, what: str = "record") -> None:
+    """For start-up readers that join records into their own tuples (RefCOCO refs, Visual Genome
+    regions), where a placeholder cannot stand in: the first item that is not an object is an
+    error naming file and index, instead of an AttributeError / TypeError from the reader."""
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ConfigError(key, f"{path}: {what} {index} is a JSON {_json_kind(item)}, expected an object")
+
+
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):  # no classes: nothing in the file can run code
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")
