@@ -134,7 +134,8 @@ def test_marker_in_vqa_text_is_skipped_and_training_goes_past_it(tmp_path):
 
 def _caption_set(tmp_path: Path) -> tuple[dict, str, set[str]]:
     write_images(tmp_path / "image", ["good0", "good1", "bad"])
-    annotations = [{"image_id": "good0", "caption": "a red square"}, {"image_id": "bad", "caption": f"see {MARKER} here"},
+    annotations = [{"image_id": "good0", "caption": "a red square"},
+                   {"image_id": "bad", "caption": f"see {MARKER} here"},
                    {"image_id": "good1", "caption": "a blue circle"}]
     (tmp_path / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
     entry = {"vis_processor": VIS, "ann_path": str(tmp_path / "filter_cap.json"), "image_root": str(tmp_path / "image")}
@@ -147,9 +148,11 @@ def _conversation_set(tmp_path: Path) -> tuple[dict, str, set[str]]:
         return {"id": name, "image": f"{name}.jpg", "conversations": [
             {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a square"},
             {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]}
-    records = [record("c0"), record("c1", q2=f"is {MARKER} a token?"), record("c2", a2=f"it says {MARKER}"), record("c3")]
+    records = [record("c0"), record("c1", q2=f"is {MARKER} a token?"), record("c2", a2=f"it says {MARKER}"),
+               record("c3")]
     (tmp_path / "conversation.json").write_text(json.dumps(records))
-    entry = {"vis_processor": VIS, "ann_path": str(tmp_path / "conversation.json"), "image_root": str(tmp_path / "images")}
+    entry = {"vis_processor": VIS, "ann_path": str(tmp_path / "conversation.json"),
+             "image_root": str(tmp_path / "images")}
     return entry, "llava_conversation", {"c0", "c3"}
 
 
@@ -396,7 +399,8 @@ def _gqa_settings(tmp_path: Path) -> EvalSettings:
     (tmp_path / "images").mkdir(exist_ok=True)
     for n, image in enumerate(GQA.values()):
         (tmp_path / "images" / f"{image}.jpg").write_bytes(jpeg_bytes(n, 16))
-    benchmarks = {"gqa": {"name": "gqa", "questions": str(tmp_path / "gqa.json"), "image_root": str(tmp_path / "images")}}
+    benchmarks = {"gqa": {"name": "gqa", "questions": str(tmp_path / "gqa.json"),
+                          "image_root": str(tmp_path / "images")}}
     return EvalSettings(benchmarks=benchmarks, output_dir=str(tmp_path / "out"), batch_size=2)
 
 
