@@ -14,14 +14,15 @@ from tinygpt_v.registry import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# GQA questions and the scripted replies; official 2/5 = 40 %, original 4/5 = 80 %
-# (worked out in test_eval_benchmarks.py::test_gqa).
+# GQA questions and the scripted replies. official (exact match): "yes" and "red" -> 2/5 = 40 %;
+# original (label inside the reply): yes, red in "The car is red", "no" in "not sure", red -> 80 %.
+# Replies that are right or wrong under any answer clean-up, so these tests check the runner.
 GQA_QUESTIONS = {
-    "201": ("n1", "Is the sky blue?", "yes", "verify", "Yes."),
+    "201": ("n1", "Is the sky blue?", "yes", "verify", "yes"),
     "202": ("n2", "What color is the car?", "red", "query", "The car is red"),
     "203": ("n3", "What is on the table?", "cup", "query", ""),
     "204": ("n4", "Is it raining?", "no", "verify", "not sure"),
-    "205": ("n5", "What color is the bus?", "red", "query", "RED###and more"),
+    "205": ("n5", "What color is the bus?", "red", "query", "red"),
 }
 REPLIES = {question: reply for _, question, _, _, reply in GQA_QUESTIONS.values()}
 
@@ -126,7 +127,7 @@ def test_resuming_with_other_generation_settings_is_refused(tmp_path):
 
 def test_limit_evaluates_the_first_samples(tmp_path):
     summary = run(settings_for(tmp_path, limit=2), ScriptedModel(REPLIES))
-    # 201 "Yes." right, 202 "The car is red" wrong -> 50 % official; both right in the original scoring
+    # 201 "yes" right, 202 "The car is red" wrong -> 50 % official; both right in the original scoring
     assert summary["benchmarks"]["gqa"]["samples"] == 2
     assert summary["benchmarks"]["gqa"]["official"]["accuracy"] == pytest.approx(50.0)
     assert summary["benchmarks"]["gqa"]["original"]["accuracy"] == pytest.approx(100.0)
@@ -236,3 +237,49 @@ def test_eval_script_runs_selected_benchmarks_and_prints_the_table(tmp_path, mon
 
     assert eval_script.main(["--cfg-path", str(path), "--benchmarks", "gqa,vqa"]) == 2
     assert "evaluation.select[1]: no benchmark 'vqa'" in capsys.readouterr().err
+
+
+# --- VQAv2 test-dev: the EvalAI submission file ---------------------------------------------------
+
+def write_testdev(root: Path, question_ids) -> Path:
+    questions = [{"image_id": 10 + i, "question": f"How many things {i}?", "question_id": qid}
+                 for i, qid in enumerate(question_ids)]
+    path = root / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    path.write_text(json.dumps({"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+                                "data_subtype": "test-dev2015", "license": {}, "questions": questions}))
+    for i in range(len(question_ids)):
+        write_image(root / "test2015" / f"COCO_test2015_{10 + i:012d}.jpg")
+    return path
+
+
+def test_vqav2_test_dev_run_writes_the_submission(tmp_path):
+    questions = write_testdev(tmp_path, [4195880, 4195881, 262144000])
+    entry = {"name": "vqav2", "questions": str(questions), "annotations": None, "image_root": str(tmp_path / "test2015"),
+             "image_pattern": "COCO_test2015_{image_id:012d}.jpg"}
+    settings = settings_for(tmp_path, benchmarks={"vqav2_testdev": entry}, scoring="official,evalai")
+    replies = {"How many things 0?": "Two.", "How many things 1?": "The Red Car", "How many things 2?": "dont know"}
+    summary = run(settings, ScriptedModel(replies))
+    path = tmp_path / "out" / "vqav2_testdev_submission.json"
+    assert summary["benchmarks"]["vqav2_testdev"] == {"samples": 3, "outputs": [str(path)]}  # nothing to score
+    # EvalAI's results format: a list of {"question_id": int, "answer": str}, every test-dev question,
+    # answers normalised as the server normalises predictions (so any VQA scorer reads them alike).
+    assert json.loads(path.read_text()) == [{"question_id": 4195880, "answer": "2"},
+                                            {"question_id": 4195881, "answer": "red car"},
+                                            {"question_id": 262144000, "answer": "don't know"}]
+
+
+def test_submission_refuses_missing_unknown_and_repeated_questions(tmp_path):
+    from tinygpt_v.evaluation.benchmark import BenchmarkDataError
+    from tinygpt_v.evaluation.benchmarks.vqa import write_submission
+    questions = write_testdev(tmp_path, [11, 12, 13])
+    out = tmp_path / "submission.json"
+    with pytest.raises(BenchmarkDataError, match=r"test-dev2015_questions.json: 1 questions have no prediction "
+                                                 r"\(first: 13\)"):
+        write_submission([{"id": "11", "prediction": "a"}, {"id": "12", "prediction": "b"}], str(questions), str(out))
+    with pytest.raises(BenchmarkDataError, match=r"1 predictions name questions not in .*\(first: 99\)"):
+        write_submission([{"id": str(q), "prediction": "a"} for q in (11, 12, 13, 99)], str(questions), str(out))
+    with pytest.raises(BenchmarkDataError, match=r"prediction row 1: question_id 11 occurs twice"):
+        write_submission([{"id": "11", "prediction": "a"}, {"id": 11, "prediction": "b"}], str(questions), str(out))
+    assert not out.exists()
+    rows = [{"id": str(q), "prediction": "yes"} for q in (13, 11, 12)]
+    assert [r["question_id"] for r in write_submission(rows, str(questions), str(out))] == [11, 12, 13]

@@ -64,6 +64,15 @@ class Benchmark:
             raise ValueError(f"{type(self).__name__} has no scoring {scoring!r}; it offers: {', '.join(self.SCORINGS)}")
         return getattr(self, f"score_{scoring}")(rows)
 
+    def has_ground_truth(self) -> bool:
+        """False for a test split without answers: it is predicted but not scored."""
+        return True
+
+    def write_outputs(self, rows: list[dict], output_dir: str, name: str) -> list[str]:
+        """Files besides the predictions a run of entry `name` writes (e.g. a challenge
+        submission); their paths."""
+        return []
+
     # --- what a benchmark module writes ---
     def load(self) -> list[Sample]:
         raise NotImplementedError

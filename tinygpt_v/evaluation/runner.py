@@ -60,7 +60,9 @@ def evaluate(model, benchmarks: dict[str, Benchmark], settings: EvalSettings, mo
         rows = predict_samples(model, samples, PredictionStore(output_dir, name), generation, transform,
                                model_name, state, show_progress)
         if state.is_main_process:
-            scores[name] = {"samples": len(rows), **score_rows(benchmark, rows, settings.scorings)}
+            outputs = benchmark.write_outputs(rows, str(output_dir), name)
+            scores[name] = {"samples": len(rows), **({"outputs": outputs} if outputs else {}),
+                            **score_rows(benchmark, rows, settings.scorings)}
     if not state.is_main_process:
         return None
     return write_summary(scores, output_dir, model_name, settings.scorings)
@@ -68,6 +70,8 @@ def evaluate(model, benchmarks: dict[str, Benchmark], settings: EvalSettings, mo
 
 def score_rows(benchmark: Benchmark, rows: list[dict], scorings: list[str]) -> dict[str, dict[str, float]]:
     """{scoring: metrics} for each requested scoring the benchmark offers (GQA has no "evalai")."""
+    if not benchmark.has_ground_truth():
+        return {}
     return {s: benchmark.score(rows, s) for s in scorings if s in benchmark.SCORINGS}
 
 

@@ -103,11 +103,22 @@ class VQA(VQAScorings, Benchmark):
                 "answers": answers, "answer_type": a.get("answer_type", "unknown")}
         return answers_of
 
+    def has_ground_truth(self) -> bool:
+        return self.annotations is not None
+
     def score(self, rows: list[dict], scoring: str) -> dict[str, float]:
         if self.annotations is None:
             raise BenchmarkDataError(f"{self.questions}: no annotations to score against (a test split); "
-                                     "write a submission file instead (tinygpt_v.evaluation.write_submission)")
+                                     "eval.py writes <name>_submission.json for the EvalAI server instead")
         return super().score(rows, scoring)
+
+    def write_outputs(self, rows: list[dict], output_dir: str, name: str) -> list[str]:
+        """A test split (no annotations): the EvalAI submission file `<name>_submission.json`."""
+        if self.annotations is not None:
+            return []
+        path = os.path.join(output_dir, f"{name}_submission.json")
+        write_submission(rows, self.questions, path)
+        return [path]
 
 
 def submission_answer(reply: str) -> str:
