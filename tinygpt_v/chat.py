@@ -8,6 +8,16 @@ In the chat, type a question, or a command:
     /image PATH   look at a new image (starts a new conversation)
     /reset        forget the conversation (and the image)
     /quit         leave (so does Ctrl-D)
+
+A bad image (missing, unreadable, truncated, a decompression bomb) or a question that does not
+fit the model's context is reported and the session goes on; a long conversation keeps its
+newest turns (see tinygpt_v.inference.conversation).
+
+With --batch, bad requests (a malformed jsonl line, named by file and line; a bad image; a
+question too long) are skipped and listed on stderr, the others answered. Answers are appended
+to --output: a second run over the same requests asks only those not answered yet (by id), so
+an interrupted batch resumes. The exit status is 0 when every request has its answer, 1 when
+some were skipped, 2 for a config error.
 """
 from __future__ import annotations
 
@@ -52,7 +62,7 @@ def run_terminal(chat, lines: Iterable[str], out: TextIO) -> None:
 def _load_image(chat, path: str, out: TextIO) -> None:
     try:
         chat.upload_image(path)
-    except (OSError, ValueError) as e:  # a typo in a path should not end the session
+    except (OSError, ValueError) as e:  # a typo in a path or a bad image should not end the session
         out.write(f"cannot read image {path!r}: {e}\n")
         return
     out.write(f"(new conversation about {path})\n")
@@ -60,6 +70,12 @@ def _load_image(chat, path: str, out: TextIO) -> None:
 
 def _answer(chat, question: str, out: TextIO) -> None:
     """Print the answer as it grows; a snapshot that rewrites earlier text is printed anew."""
+    try:
+        chat.prompt_for(question)  # a question that cannot be asked is reported before "Assistant:"
+    except ValueError as e:
+        out.write(f"cannot ask that: {e}\n")
+        return
+    dropped = chat.dropped_turns
     out.write("Assistant: ")
     shown = ""
     for answer in chat.ask_stream(question):
@@ -70,6 +86,8 @@ def _answer(chat, question: str, out: TextIO) -> None:
         shown = answer
         out.flush()
     out.write("\n")
+    if dropped:
+        out.write(f"(the oldest {dropped} turn(s) no longer fit in the model's context and were left out)\n")
 
 
 def _input_lines(prompt: str = "You: ") -> Iterable[str]:
@@ -80,12 +98,23 @@ def _input_lines(prompt: str = "You: ") -> Iterable[str]:
             return
 
 
-def run_batch(model, settings, source: str, question: str | None, output: str, batch_size: int) -> int:
-    from .inference import predict, read_requests, write_jsonl
-    requests = read_requests(source, question)
-    results = predict(model, requests, settings.template, settings.generation_settings, batch_size,
-                      settings.image_size)
-    return write_jsonl(results, output)
+def run_batch(model, settings, source: str, question: str | None, output: str, batch_size: int,
+              err: TextIO = sys.stderr) -> int:
+    """Answer the requests not yet in `output`, appending; returns the exit status (1: some skipped)."""
+    from .inference import answered_ids, predict, read_requests, write_jsonl
+    errors: list = []
+    requests = read_requests(source, question, errors)
+    done = answered_ids(output)
+    todo = [r for r in requests if r.id not in done]
+    results = predict(model, todo, settings.template, settings.generation_settings, batch_size,
+                      settings.image_size, errors=errors, max_image_pixels=settings.max_image_pixels)
+    count = write_jsonl(results, output, append=True)
+    for error in errors:
+        err.write(f"skipped {error}\n")
+    kept = f" (kept {len(done)} from an earlier run)" if done else ""
+    skipped = f"; {len(errors)} request(s) skipped, listed above" if errors else ""
+    print(f"{count} answers written to {output}{kept}{skipped}", flush=True)
+    return 1 if errors else 0
 
 
 def parse_args(argv=None):
@@ -100,19 +129,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    model, settings = load_chat_config(args.cfg_path, args.options)
-    if args.batch:
-        count = run_batch(model, settings, args.batch, args.question, args.output, args.batch_size)
-        print(f"{count} answers written to {args.output}")
-        return
+    from .checkpoints import CheckpointError
+    from .registry import ConfigError
+    try:
+        model, settings = load_chat_config(args.cfg_path, args.options)
+        if args.batch:
+            return run_batch(model, settings, args.batch, args.question, args.output, args.batch_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError, ValueError) as e:  # a bad weight file, a missing --batch file, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from .inference import Chat
-    chat = Chat(model, settings.template, settings.generation_settings, settings.image_size)
+    chat = Chat(model, settings.template, settings.generation_settings, settings.image_size,
+                settings.max_image_pixels)
     if args.image:
         _load_image(chat, args.image, sys.stdout)
-    run_terminal(chat, _input_lines(), sys.stdout)
+    try:
+        run_terminal(chat, _input_lines(), sys.stdout)
+    except KeyboardInterrupt:
+        print()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

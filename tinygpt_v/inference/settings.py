@@ -9,6 +9,7 @@
       vision_device: auto                      # auto (beside the LLM) | cpu
       vision_precision: auto                   # as precision, for the vision encoder
       generation: {max_new_tokens: 300, num_beams: 1, temperature: 0.0, top_p: 0.9, repetition_penalty: 1.0}
+      max_image_pixels: 89478485               # larger images are refused from the header (decompression bombs)
 
 Low-memory modes are these switches: `precision: fp16|bf16`, `quantization: int8|nf4`,
 `vision_device: cpu` / `vision_precision: fp16`, and `device: cpu` for pure CPU inference.
@@ -20,18 +21,20 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from ..config import register_section, to_plain
-from ..registry import ConfigError, LocalPath, Section, check_kwargs
+from ..data.base import DEFAULT_MAX_IMAGE_PIXELS
+from ..registry import (Bound, ConfigError, LocalPath, NonNegativeFloat, PositiveFloat, PositiveInt, Section,
+                        check_kwargs)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 @dataclass(kw_only=True)
 class GenerationSettings:
-    max_new_tokens: int = 300
-    num_beams: int = 1
-    temperature: float = 0.0  # 0: greedy decoding; above 0: sampling at this temperature
-    top_p: float = 0.9        # nucleus sampling; only used when sampling
-    repetition_penalty: float = 1.0
+    max_new_tokens: PositiveInt = 300
+    num_beams: PositiveInt = 1
+    temperature: NonNegativeFloat = 0.0  # 0: greedy decoding; above 0: sampling at this temperature
+    top_p: Annotated[float, Bound(gt=0, le=1)] = 0.9  # nucleus sampling; only used when sampling
+    repetition_penalty: PositiveFloat = 1.0
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `TinyGPTV.generate`."""
@@ -56,6 +59,7 @@ class InferenceSettings:
     vision_precision: Precision = "auto"
     image_size: int | None = None  # null: the vision encoder's own
     merge_lora: bool = True        # fold LoRA into the LLM weights: same answers, faster tokens
+    max_image_pixels: PositiveInt | None = DEFAULT_MAX_IMAGE_PIXELS  # null: no limit
     generation: Annotated[dict, Section(GenerationSettings)] = field(default_factory=dict)
 
     @property
