@@ -91,6 +91,19 @@ def test_each_benchmark_reports_the_scorings_it_offers(tmp_path):
     assert "| gqa | accuracy | 40.00 | - | 5 |" in table
 
 
+@pytest.mark.parametrize("scoring,expected", [
+    ("both", ["official", "original"]), ("official", ["official"]), ("evalai, original", ["evalai", "original"]),
+    (["original", "lenient"], ["original", "lenient"]), ("all", ["official", "original", "evalai", "lenient"])])
+def test_scoring_names(scoring, expected):
+    assert EvalSettings(benchmarks={}, scoring=scoring).scorings == expected
+
+
+def test_a_scoring_a_benchmark_lacks_is_refused_by_the_benchmark(tmp_path):
+    gqa = build_benchmarks(settings_for(tmp_path))["gqa"]
+    with pytest.raises(ValueError, match="GQA has no scoring 'evalai'; it offers: official, original"):
+        gqa.score([], "evalai")
+
+
 def test_interrupted_evaluation_resumes_without_redoing_samples(tmp_path):
     full = run(settings_for(tmp_path, output="uninterrupted"), ScriptedModel(REPLIES))
 
