@@ -272,3 +272,18 @@ def test_prompt_files_need_one_image_placeholder(tmp_path):
     (tmp_path / "p.txt").write_text("<Img><ImageHere></Img> Describe it.\nNo image here.\n")
     with pytest.raises(ConfigError, match=r"p\.txt: prompt 2 must contain <ImageHere> exactly once"):
         load_prompt_file(str(tmp_path / "p.txt"))
+
+
+def test_prompt_files_skip_comment_lines_and_keep_templates_as_written(tmp_path):
+    (tmp_path / "p.txt").write_text("# where these come from\n\n<Img><ImageHere></Img> Describe it. \n"
+                                    "###Human: <Img><ImageHere></Img> Go on.\n")
+    assert load_prompt_file(str(tmp_path / "p.txt")) == [  # the original reads lines with splitlines()
+        "<Img><ImageHere></Img> Describe it. ", "###Human: <Img><ImageHere></Img> Go on."]
+
+
+def test_shipped_alignment_prompts_are_minigpt4s_four():
+    assert load_prompt_file(None) == [
+        "<Img><ImageHere></Img> Describe this image in detail.",
+        "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
+        "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
+        "<Img><ImageHere></Img> Could you describe the contents of this image for me?"]
