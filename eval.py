@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scoring", help="with --rescore: comma-separated scorings (default: evaluation.scoring)")
     parser.add_argument("--id-key", help="with --rescore: the field holding the sample id (default: question_id, "
                                          "id or index)")
-    parser.add_argument("--output", help="with --rescore: also write the scores to this JSON file")
+    parser.add_argument("--output", help="with --rescore: also write the scores to this JSON file (a test split's "
+                                         "submission file goes next to it; default: the current folder)")
     args = parser.parse_args(argv)
     if args.rescore and not args.benchmark:
         parser.error("--rescore needs --benchmark NAME (an entry of evaluation.benchmarks)")
@@ -66,8 +67,11 @@ def rescore(args: argparse.Namespace) -> int:
     from tinygpt_v.evaluation.summary import markdown_table
     # Only the evaluation section is used: the model section need not be loadable here.
     cfg = load_config(args.cfg_path or DEFAULT_SUITE, args.options, validate=False)
-    result, scorings = rescore_from_config(cfg, args.benchmark, args.rescore, args.scoring, args.id_key)
+    output_dir = str(Path(args.output).parent) if args.output else "."
+    result, scorings = rescore_from_config(cfg, args.benchmark, args.rescore, args.scoring, args.id_key, output_dir)
     print(markdown_table({args.benchmark: result}, scorings), end="")
+    for path in result.get("outputs", []):
+        print(f"wrote {path}")
     if args.output:
         Path(args.output).write_text(json.dumps({"predictions": args.rescore, "scorings": scorings,
                                                  "benchmarks": {args.benchmark: result}}, indent=1) + "\n")

@@ -140,3 +140,21 @@ def test_a_scoring_the_benchmark_lacks_and_bad_files_are_errors(tmp_path, capsys
     assert eval_script.main(["--cfg-path", suite(tmp_path), "--rescore", str(E2E / "ours.jsonl"),
                              "--benchmark", "nope"]) == 2
     assert "no benchmark 'nope' (--benchmark); configured: okvqa, toy" in capsys.readouterr().err
+
+
+def test_a_test_split_rescored_gives_the_submission_file(tmp_path, capsys):
+    # lmms-eval's samples for questions without annotations (VQAv2 test-dev): nothing to score,
+    # the EvalAI file is written next to --output, every question present.
+    config = tmp_path / "suite.yaml"
+    config.write_text(f"""evaluation:
+  benchmarks:
+    vqav2_testdev: {{name: vqav2, questions: {E2E / 'questions.json'}, annotations: null, image_root: .}}
+""")
+    out = tmp_path / "scores.json"
+    assert eval_script.main(["--cfg-path", str(config), "--rescore", str(E2E / "lmms_eval_samples.jsonl"),
+                             "--benchmark", "vqav2_testdev", "--output", str(out)]) == 0
+    submission = json.loads((tmp_path / "vqav2_testdev_submission.json").read_text())
+    assert [r["question_id"] for r in submission] == [int(i) for i in all_ids()]
+    assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in submission)
+    assert "wrote " in capsys.readouterr().out
+    assert json.loads(out.read_text())["benchmarks"]["vqav2_testdev"]["samples"] == 40

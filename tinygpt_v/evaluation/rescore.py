@@ -41,18 +41,23 @@ class Prediction:
     reply: str
 
 
-def rescore(benchmark: Benchmark, path: str, scorings: list[str], id_key: str | None = None) -> dict:
-    """{"samples": n, scoring: metrics, ...} for the predictions in `path`."""
+def rescore(benchmark: Benchmark, path: str, scorings: list[str], id_key: str | None = None,
+            name: str = "benchmark", output_dir: str = ".") -> dict:
+    """{"samples": n, scoring: metrics, ...} for the predictions in `path`. A split without
+    answers (VQAv2 test-dev) is not scored: its outputs (the EvalAI submission) are written to
+    `output_dir` and listed under "outputs"."""
     for scoring in scorings:
         if scoring not in benchmark.SCORINGS:
             raise BenchmarkDataError(f"{type(benchmark).__name__} has no scoring {scoring!r}; "
                                      f"it offers: {', '.join(benchmark.SCORINGS)}")
     rows = rows_for(benchmark, read_predictions(path, id_key), path)
+    if not benchmark.has_ground_truth():
+        return {"samples": len(rows), "outputs": benchmark.write_outputs(rows, output_dir, name)}
     return {"samples": len(rows), **{s: benchmark.score(rows, s) for s in scorings}}
 
 
-def rescore_from_config(cfg, name: str, path: str, scoring: str | None = None,
-                        id_key: str | None = None) -> tuple[dict, list[str]]:
+def rescore_from_config(cfg, name: str, path: str, scoring: str | None = None, id_key: str | None = None,
+                        output_dir: str = ".") -> tuple[dict, list[str]]:
     """Build benchmark `name` of the config's `evaluation.benchmarks` and rescore `path`.
 
     Returns (result, scorings). Without `scoring`: the config's scorings this benchmark offers."""
@@ -70,7 +75,7 @@ def rescore_from_config(cfg, name: str, path: str, scoring: str | None = None,
         scorings = parse_scorings(scoring, "--scoring")
     else:
         scorings = [s for s in settings.scorings if s in benchmark.SCORINGS]
-    return rescore(benchmark, path, scorings, id_key), scorings
+    return rescore(benchmark, path, scorings, id_key, name, output_dir), scorings
 
 
 def rows_for(benchmark: Benchmark, predictions: list[Prediction], path: str) -> list[dict]:
