@@ -54,14 +54,24 @@ def test_gqa(tmp_path):
     assert samples[0].prompt == VQA_PROMPT + "Is the sky blue?"
     assert samples[0].image == str(tmp_path / "images" / "n1.jpg")
 
-    r = rows(samples, ["Yes.", "The car is red", "", "not sure", "RED###and more"])
-    # official (exact after normalisation): yes ok, "car is red" no, empty no, "not sure" no, "red" ok -> 2/5
+    r = rows(samples, ["Yes.", "The car is red", "", "not sure", "red"])
+    # official (eval.py: the prediction as given == answer): only "red" (205) -> 1/5
     official = GQA(questions=questions, image_root="x").score(r, "official")
-    assert official["accuracy"] == pytest.approx(40.0)
-    assert official["accuracy/verify"] == pytest.approx(50.0)  # 201 ok, 204 wrong
-    assert official["accuracy/query"] == pytest.approx(100 / 3)  # 205 ok of 202, 203, 205
-    # original (label inside the reply): yes, red in "the car is red", -, "no" in "not sure", red -> 4/5
+    assert official["accuracy"] == pytest.approx(20.0)
+    assert official["accuracy/binary"] == pytest.approx(0.0)  # 201 "Yes." != "yes", 204 wrong
+    assert official["accuracy/open"] == pytest.approx(100 / 3)  # 205 ok of 202, 203, 205
+    # original (label inside the lower-cased reply): yes, red in "the car is red", -, "no" in "not sure", red -> 4/5
     assert GQA(questions=questions, image_root="x").score(r, "original")["accuracy"] == pytest.approx(80.0)
+    # the original searches the whole reply, after "###" too
+    late = rows(samples[:1], ["maybe###yes"])
+    assert GQA(questions=questions, image_root="x").score(late, "original")["accuracy"] == pytest.approx(100.0)
+
+
+def test_gqa_scores_balanced_questions_only(tmp_path):
+    questions = write_json(tmp_path / "q.json", {
+        "1": {"imageId": "n1", "question": "a?", "answer": "yes", "isBalanced": True},
+        "2": {"imageId": "n2", "question": "b?", "answer": "no", "isBalanced": False}})
+    assert [s.id for s in GQA(questions=questions, image_root="x").samples()] == ["1"]
 
 
 def test_gqa_names_the_question_with_a_missing_key(tmp_path):
@@ -96,8 +106,8 @@ def test_vsr(tmp_path):
     official = vsr.score(r, "official")
     assert official["accuracy"] == pytest.approx(60.0)  # true ok, false ok, yes+true ok, unclear, empty
     assert official["answers/unparsed"] == pytest.approx(40.0)
-    # original: 1 ("true") + 1 ("false") + 2 ("true" and "yes") + 1 ("no" in "know") + 0 = 5 over 5 samples
-    assert vsr.score(r, "original")["accuracy"] == pytest.approx(100.0)
+    # original (root eval_vqa.py: the label word in the reply): true, false, true, -, - -> 3/5
+    assert vsr.score(r, "original")["accuracy"] == pytest.approx(60.0)
 
 
 def test_vsr_names_file_and_line_of_bad_json(tmp_path):
@@ -127,20 +137,27 @@ def test_iconqa_ranks_choices_by_likelihood(tmp_path):
     samples = iconqa.samples()
     assert [s.id for s in samples] == ["1", "2", "5"]  # test split, choose_txt only
     assert samples[0].candidates == ("2", "3", "4")
-    assert samples[0].target["answer"] == "3"
+    assert samples[0].target["answer"] == 1  # the gold index, as IconQA scores
     assert samples[0].image == str(tmp_path / "iconqa" / "test" / "choose_txt" / "1" / "image.png")
     r = rows(samples, ["3", "square", "two"])  # the top-ranked choice of each
     assert iconqa.score(r, "official")["accuracy"] == pytest.approx(200 / 3)
     assert iconqa.score(r, "original")["accuracy"] == pytest.approx(200 / 3)
 
 
-def test_iconqa_generate_mode_compares_normalised_answers(tmp_path):
+def test_iconqa_generate_mode_takes_the_option_equal_to_the_reply(tmp_path):
     iconqa = IconQA(problems=iconqa_problems(tmp_path), image_root=str(tmp_path), method="generate")
     samples = iconqa.samples()
     assert all(s.candidates is None for s in samples)
-    r = rows(samples, ["3.", "Circle", "2"])
-    assert iconqa.score(r, "official")["accuracy"] == pytest.approx(100.0)  # "3", "circle", "two" -> "2"
-    assert iconqa.score(r, "original")["accuracy"] == pytest.approx(0.0)  # none is the exact choice string
+    r = rows(samples, [" 3 ", "Circle", "two"])  # option 1 (stripped), no option, option 1
+    assert iconqa.score(r, "official")["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_iconqa_scores_the_index_so_a_repeated_option_counts_once(tmp_path):
+    problems = write_json(tmp_path / "problems.json", {"9": {"question": "q", "choices": ["a", "b", "a"], "answer": 2,
+                                                             "ques_type": "choose_txt", "split": "test"}})
+    iconqa = IconQA(problems=problems, image_root=str(tmp_path))
+    # equal options score equally and the first wins the argmax: index 0, not the gold index 2
+    assert iconqa.score(rows(iconqa.samples(), ["a"]), "official")["accuracy"] == 0.0
 
 
 def test_iconqa_rejects_an_answer_outside_the_choices(tmp_path):
@@ -172,12 +189,20 @@ def test_vizwiz(tmp_path):
                                  "the provided information is insufficient")
     r = rows(samples, ["Unanswerable.", "Coke", "red", "", "two"])
     official = vizwiz.score(r, "official")
-    # 1 (10 match) + 1 (5 match) + 0.3 (1 match) + 0 (empty) + 1 (two -> 2: 7 match) = 3.3 of 5
+    # the prediction is normalised, the humans are not: "unanswerable" 10 -> 1; "coke" vs "coke" x5 -> 1;
+    # "red" x1 -> 0.3; empty 0; "two" -> "2", 4 humans said "2" -> 1: 3.3 of 5
     assert official["accuracy"] == pytest.approx(66.0)
     assert official["accuracy/unanswerable"] == pytest.approx(100.0)
     assert official["accuracy/other"] == pytest.approx(65.0)
     assert official["accuracy/yes/no"] == pytest.approx(0.0)
     assert official["accuracy/number"] == pytest.approx(100.0)
+    # answerability: the one unanswerable question is the one predicted unanswerable -> AP 100, F1 100
+    assert official["unanswerable/average_precision"] == pytest.approx(100.0)
+    assert official["unanswerable/f1"] == pytest.approx(100.0)
+    # stored human answers are compared as they are: ten "Coca-Cola" never match a reply
+    cased = rows(samples[1:2], ["Coca-Cola"])
+    cased[0]["target"] = {**cased[0]["target"], "answers": ["Coca-Cola"] * 10}
+    assert vizwiz.score(cased, "official")["accuracy"] == 0.0
     # original: containment either way, min(count/3, 1): 10, 5, red in "dark red" -> 3, empty is in all 10, 3 -> all 1
     assert vizwiz.score(r, "original")["accuracy"] == pytest.approx(100.0)
 
@@ -196,7 +221,7 @@ def test_hateful_memes(tmp_path):
                                  "Is this image hateful? Answer yes or no. Answer:")
     r = rows(samples, ["Yes.", "no", "No, it is not hateful", "I cannot tell", "yes"])
     official = memes.score(r, "official")
-    assert official["accuracy"] == pytest.approx(40.0)  # right: 1 and 2
+    assert official["accuracy"] == pytest.approx(60.0)  # at 0.5: 1, 0, 0, 0 (unclear), 1 -> right: 1, 2, 4
     # scores 1, 0, 0, 0.5, 1 with labels 1, 0, 1, 0, 0. Positive-negative pairs:
     # (1 vs 0) 1, (1 vs 0.5) 1, (1 vs 1) 0.5, (0 vs 0) 0.5, (0 vs 0.5) 0, (0 vs 1) 0 -> 3 of 6
     assert official["auroc"] == pytest.approx(50.0)
@@ -269,9 +294,11 @@ REFCOCO_CASES = [
     ("The dog is at {<0><0><50><50>}", True, False),  # the original needs the box first
     ("{ <0> <0> <50> <50> }", True, True),  # spaces (the original removes them)
     ("", False, False),  # empty answer
-    # Off the grid: no box. The original scales it to (0,0)-(100,150): inclusive overlap 101*51 = 5151
-    # over a union of 101*151 = 15251 -> 0.34, a miss as well.
+    # Off the grid: scaled as the original does to (0,0)-(100,150): overlap 100*50 over 100*150 -> 0.33;
+    # inclusive 101*51 = 5151 over 101*151 = 15251 -> 0.34: a miss both ways.
     ("{<0><0><50><150>}", False, False),
+    ("{<0><0><50><50>} <7>", False, False),  # five numbers: the original's unpacking fails -> miss
+    ("{<50><50><0><0>}", False, False),  # inverted: a miss (the original: inclusive overlap 0)
 ]
 
 
@@ -292,13 +319,14 @@ def test_refcoco_minigptv2_format(tmp_path):
         assert refcoco.score([row], "original")["accuracy"] == (100.0 if original_hit else 0.0), reply
 
 
-def test_refcoco_out_of_range_box_counts_only_for_the_original():
-    # Target (0,50)-(200,100) on a 200 x 100 image; the reply's y2 = 101 is off the 0..100 grid.
+def test_refcoco_box_past_the_grid_is_scaled_as_the_original_does():
+    # Target (0,50)-(200,100) on a 200 x 100 image; the reply's y2 = 101 is past the 0..100 grid.
     row = {"id": "0", "prompt": "", "prediction": "{<0><50><100><101>}",
            "target": {"bbox": [0, 50, 200, 50], "width": 200, "height": 100}}
     refcoco = RefCOCO(annotations="unused.json", image_root="x")
-    assert refcoco.score([row], "official") == {"accuracy": 0.0, "answers/unparsed": 100.0}
-    # The original scales it to (0,50)-(200,101): inclusive overlap 201*51 = 10251, union 201*52 = 10452 -> 0.98
+    # scaled to (0,50)-(200,101): overlap 200*50 over 200*51 -> 0.98, a hit
+    assert refcoco.score([row], "official") == {"accuracy": 100.0, "answers/unparsed": 0.0}
+    # inclusive: overlap 201*51 = 10251, union 201*52 = 10452 -> 0.98
     assert refcoco.score([row], "original")["accuracy"] == 100.0
 
 
@@ -306,10 +334,10 @@ def test_refcoco_totals(tmp_path):
     refcoco = RefCOCO(annotations=refcoco_file(tmp_path), image_root=str(tmp_path))
     replies = [case[0] for case in REFCOCO_CASES]
     official = refcoco.score(rows(refcoco.samples(), replies), "official")
-    assert official["accuracy"] == pytest.approx(400 / 6)  # hits: exact, half, later box, spaced
-    assert official["answers/unparsed"] == pytest.approx(200 / 6)  # empty, off the grid
+    assert official["accuracy"] == pytest.approx(400 / 8)  # hits: exact, half, later box, spaced
+    assert official["answers/unparsed"] == pytest.approx(200 / 8)  # empty, five numbers
     original = refcoco.score(rows(refcoco.samples(), replies), "original")
-    assert original["accuracy"] == pytest.approx(300 / 6)  # exact, half, spaced
+    assert original["accuracy"] == pytest.approx(300 / 8)  # exact, half, spaced
 
 
 def test_refcoco_refer_toolkit_format(tmp_path):

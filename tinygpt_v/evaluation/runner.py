@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .benchmark import Benchmark, Sample
 from .images import BadImageError, image_transform, load_image
 from .loading import model_image_size
+from .original import ORIGINAL_GENERATION
 from .settings import EvalSettings
 from .store import PredictionStore
 from .summary import write_summary
@@ -33,11 +34,17 @@ class Generation:
     max_new_tokens: int
     num_beams: int
     image_size: int
+    original: bool = False  # the original's protocol: prompts as built, its generate settings (evaluation.original)
 
     def meta(self, model_name: str) -> dict:
         # batch_size is left out: a resumed run may use another one.
         return {"model": model_name, "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                "image_size": self.image_size}
+                "image_size": self.image_size, **({"protocol": "original"} if self.original else {})}
+
+    def generate_kwargs(self) -> dict:
+        if self.original:
+            return {**ORIGINAL_GENERATION, "max_new_tokens": self.max_new_tokens}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "num_beams": self.num_beams}
 
 
 def evaluate(model, benchmarks: dict[str, Benchmark], settings: EvalSettings, model_name: str = "",
@@ -55,7 +62,8 @@ def evaluate(model, benchmarks: dict[str, Benchmark], settings: EvalSettings, mo
     scores = {}
     for name, benchmark in benchmarks.items():
         generation = Generation(benchmark.batch_size or settings.batch_size,
-                                benchmark.max_new_tokens or settings.max_new_tokens, settings.num_beams, image_size)
+                                benchmark.max_new_tokens or settings.max_new_tokens, settings.num_beams, image_size,
+                                original=getattr(benchmark, "original_protocol", False))
         samples = benchmark.samples()[:settings.limit]  # the entry's own limit applies first
         rows = predict_samples(model, samples, PredictionStore(output_dir, name), generation, transform,
                                model_name, state, show_progress)
@@ -114,8 +122,7 @@ def _predict(model, batch: list[Sample], images: torch.Tensor | None, generation
         scores = model.score_candidates(images, prompts, [list(s.candidates) for s in batch])
         predictions = [s.candidates[sc.index(max(sc))] for s, sc in zip(batch, scores)]
     else:
-        predictions = model.generate(images, prompts, max_new_tokens=generation.max_new_tokens, do_sample=False,
-                                     num_beams=generation.num_beams)
+        predictions = model.generate(images, prompts, **generation.generate_kwargs())
     if len(predictions) != len(batch):
         raise RuntimeError(f"the model returned {len(predictions)} predictions for {len(batch)} prompts")
     return [{"id": s.id, "prompt": s.prompt, "prediction": p, "target": s.target} for s, p in zip(batch, predictions)]

@@ -244,7 +244,8 @@ class TinyGPTV(nn.Module):
         """Logits only where a target is predicted. The LM head over a 51k vocabulary is the
         largest activation of a step; prompt and image positions never need it."""
         causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        hidden = causal_lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # use_cache=False: a training forward needs no KV cache (the config's default builds one)
+        hidden = causal_lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         return causal_lm.get_output_embeddings()(hidden[:, :-1][predicts_target])
 
     @torch.no_grad()
@@ -273,11 +274,16 @@ class TinyGPTV(nn.Module):
     def generate(self, images: torch.Tensor | None, prompts: list[str], max_new_tokens: int = 20,
                  do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, apply_template: bool = True, streamer=None,
-                 static_cache: bool = False, compile: bool = False) -> list[str]:
+                 static_cache: bool = False, compile: bool = False, stop_at_end_sym: bool = True,
+                 min_new_tokens: int = 0) -> list[str]:
         """Answer each prompt; stops at end_sym or EOS; returns the decoded strings.
 
         `static_cache` preallocates the KV cache (fixed shapes), which `compile` needs to turn
-        the decode step into one compiled graph (CUDA graphs on GPU); neither changes results."""
+        the decode step into one compiled graph (CUDA graphs on GPU); neither changes results.
+        `stop_at_end_sym=False` generates as the original's `generate` (its stopping criteria are
+        commented out): on to EOS or max_new_tokens, the text decoded as it does
+        (tinygpt_v.evaluation.original.decode_like_original), not cut at end_sym.
+        `min_new_tokens` bars EOS before that many tokens (the original's min_length=1)."""
         self.check_markers([[p] for p in prompts], images is not None)
         n_image = self.num_image_tokens(images)
         seqs = [self.build_sequence([p], None, n_image, apply_template=apply_template) for p in prompts]
@@ -287,10 +293,14 @@ class TinyGPTV(nn.Module):
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             num_beams=num_beams, repetition_penalty=repetition_penalty, streamer=streamer,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=[self.end_sym] if self.end_sym else None, tokenizer=self.tokenizer,
+            stop_strings=[self.end_sym] if self.end_sym and stop_at_end_sym else None, tokenizer=self.tokenizer,
             cache_implementation="static" if static_cache else None, disable_compile=not compile,
-            **sampling)
-        return [self.clean_answer(text) for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+            min_new_tokens=min_new_tokens or None, **sampling)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        if not stop_at_end_sym:
+            from ..evaluation.original import decode_like_original
+            return [decode_like_original(text) for text in texts]
+        return [self.clean_answer(text) for text in texts]
 
     def clean_answer(self, text: str) -> str:
         """Cut at end_sym (and the original's `Assistant:` echo), strip whitespace."""

@@ -1,21 +1,24 @@
-"""GQA (testdev-balanced): exact match after VQA answer normalisation.
+"""GQA (testdev-balanced): exact match with the gold answer, as GQA's own `eval.py` scores.
 
-File: `testdev_balanced_questions.json`, a dict question id -> {imageId, question, answer, types, ...};
-images `<image_root>/<imageId>.jpg`."""
+File: `testdev_balanced_questions.json`, a dict question id -> {imageId, question, answer, types,
+isBalanced, ...}; images `<image_root>/<imageId>.jpg`. As `eval.py`, only balanced questions
+count (a question without `isBalanced` is kept). Scorings (tinygpt_v.evaluation.scoring):
+`official` = `gqa_official` (raw prediction == answer; `accuracy/binary|open` split as eval.py,
+"open" being structural type "query"), `original` = `gqa_original` (label inside the reply)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import (IMAGE_PROMPT, SHORT_ANSWER, Benchmark, BenchmarkDataError, Sample, accuracy_by,
-                         clean_reply, read_json, require)
-from ..metrics import normalize_vqa_answer
+from ..benchmark import SHORT_ANSWER, Benchmark, BenchmarkDataError, Sample, accuracy_by, read_json, require
+from ..original import Protocol
+from ..scoring import gqa_official, gqa_original
 
 
 @BENCHMARKS.register("gqa")
 @dataclass(kw_only=True)
-class GQA(Benchmark):
+class GQA(Protocol, Benchmark):
     questions: LocalPath
     image_root: LocalPath
 
@@ -26,21 +29,20 @@ class GQA(Benchmark):
         samples = []
         for qid, q in questions.items():
             where = f"{self.questions}: question {qid}"
+            if isinstance(q, dict) and q.get("isBalanced", True) is False:
+                continue  # eval.py scores the balanced questions only
             image_id = require(q, "imageId", where, str)
+            structural = (q.get("types") or {}).get("structural", "unknown")
             samples.append(Sample(
                 id=str(qid),
                 image=os.path.join(self.image_root, f"{image_id}.jpg"),
-                prompt=IMAGE_PROMPT.format(SHORT_ANSWER.format(require(q, "question", where, str))),
-                target={"answer": require(q, "answer", where, str),
-                        "type": (q.get("types") or {}).get("structural", "unknown")}))
+                prompt=self.build_prompt(SHORT_ANSWER.format(require(q, "question", where, str))),
+                target={"answer": require(q, "answer", where, str), "type": structural}))
         return samples
 
     def score_official(self, rows: list[dict]) -> dict[str, float]:
-        def correct(row: dict) -> float:
-            return float(normalize_vqa_answer(clean_reply(row["prediction"]))
-                         == normalize_vqa_answer(row["target"]["answer"]))
-        return accuracy_by(rows, correct, group=lambda row: row["target"]["type"])
+        return accuracy_by(rows, lambda row: gqa_official(row["prediction"], row["target"]["answer"]),
+                           group=lambda row: "open" if row["target"]["type"] == "query" else "binary")
 
     def score_original(self, rows: list[dict]) -> dict[str, float]:
-        # Correct when the label occurs anywhere in the reply: "no" is found in "not sure".
-        return accuracy_by(rows, lambda row: float(row["target"]["answer"] in clean_reply(row["prediction"])))
+        return accuracy_by(rows, lambda row: gqa_original(row["prediction"], row["target"]["answer"]))

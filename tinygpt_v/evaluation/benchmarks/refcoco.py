@@ -5,18 +5,21 @@ Two file formats:
 - `annotations`: the MiniGPT-v2 evaluation json (`refcoco/refcoco_val.json`), a list of
   {img_id, sents, bbox [x, y, w, h], height, width}; the image is `<img_id first 27 chars>.jpg`;
 - `refs` + `instances` + `split`: the refer toolkit's `refs(unc).p` (or a json of the same list) and
-  `instances.json`; one sample per referring sentence."""
+  `instances.json`; one sample per referring sentence.
+Scorings (tinygpt_v.evaluation.scoring): `official` = `refcoco_official` (Acc@0.5), `original` =
+`refcoco_original` (`eval_ref.py`). With `protocol: original` a MiniGPT-v2 entry gives ONE sample,
+its `sents` formatted as the original does (`f"... {sents}"`, a list as its Python repr)."""
 from __future__ import annotations
 
 import os
 import pickle
-import re
 from dataclasses import dataclass
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import (IMAGE_PROMPT, Benchmark, BenchmarkDataError, Sample, accuracy_by, read_json,
-                         read_json_list, require)
-from ..metrics import box_iou, box_iou_original, grid_to_pixels, mean_percent, parse_grid_box
+from ..benchmark import Benchmark, BenchmarkDataError, Sample, accuracy_by, read_json, read_json_list, require
+from ..metrics import mean_percent
+from ..original import Protocol
+from ..scoring import parse_grid_box, refcoco_official, refcoco_original
 
 PROMPT = "[refer] give me the location of {}"
 COCO_NAME_LENGTH = len("COCO_train2014_000000581857")  # MiniGPT-v2 img_ids append a suffix to it
@@ -24,7 +27,7 @@ COCO_NAME_LENGTH = len("COCO_train2014_000000581857")  # MiniGPT-v2 img_ids appe
 
 @BENCHMARKS.register("refcoco")
 @dataclass(kw_only=True)
-class RefCOCO(Benchmark):
+class RefCOCO(Protocol, Benchmark):
     image_root: LocalPath
     annotations: LocalPath | None = None
     refs: LocalPath | None = None
@@ -32,6 +35,7 @@ class RefCOCO(Benchmark):
     split: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         refer = [v is not None for v in (self.refs, self.instances, self.split)]
         if not ((self.annotations is not None and not any(refer)) or (self.annotations is None and all(refer))):
             raise ValueError("give either `annotations` (MiniGPT-v2 eval json) or all of `refs`, `instances` "
@@ -42,7 +46,7 @@ class RefCOCO(Benchmark):
 
     def _sample(self, id: str, image: str, sentence: str, bbox: list, width: float, height: float) -> Sample:
         return Sample(id=id, image=os.path.join(self.image_root, image),
-                      prompt=IMAGE_PROMPT.format(PROMPT.format(sentence)),
+                      prompt=self.build_prompt(PROMPT.format(sentence)),
                       target={"bbox": [float(v) for v in bbox], "width": width, "height": height})
 
     def _load_minigptv2(self) -> list[Sample]:
@@ -50,8 +54,9 @@ class RefCOCO(Benchmark):
         for i, (where, r) in enumerate(read_json_list(self.annotations, "referring expressions")):
             sents = require(r, "sents", where, (str, list))
             image = require(r, "img_id", where, str)[:COCO_NAME_LENGTH] + ".jpg"
-            for j, sentence in enumerate([sents] if isinstance(sents, str) else sents):
-                samples.append(self._sample(f"{i}" if isinstance(sents, str) else f"{i}/{j}", image, sentence,
+            one = isinstance(sents, str) or self.original_protocol  # the original formats `sents` whole
+            for j, sentence in enumerate([f"{sents}"] if one else sents):
+                samples.append(self._sample(f"{i}" if one else f"{i}/{j}", image, sentence,
                                             require(r, "bbox", where, list), require(r, "width", where, (int, float)),
                                             require(r, "height", where, (int, float))))
         return samples
@@ -73,30 +78,17 @@ class RefCOCO(Benchmark):
         return samples
 
     def score_official(self, rows: list[dict]) -> dict[str, float]:
-        boxes = [parse_grid_box(row["prediction"]) for row in rows]  # None: no box on the grid
-        hits = [float(box is not None and box_iou(_pixels(box, row), _target_corners(row)) >= 0.5)
-                for box, row in zip(boxes, rows)]
-        return {"accuracy": mean_percent(hits), "answers/unparsed": mean_percent([float(b is None) for b in boxes])}
+        hits = [refcoco_official(row["prediction"], *_gold(row)) for row in rows]
+        unparsed = [float(parse_grid_box(row["prediction"]) is None) for row in rows]
+        return {"accuracy": mean_percent(hits), "answers/unparsed": mean_percent(unparsed)}
 
     def score_original(self, rows: list[dict]) -> dict[str, float]:
-        # The reply, spaces removed, must start with the box; the first four numbers are the box,
-        # compared with inclusive-pixel IoU and a strict > 0.5.
-        def hit(row: dict) -> float:
-            reply = row["prediction"].replace("<unk>", "").replace(" ", "").strip()
-            if not re.match(r"\{<\d{1,3}><\d{1,3}><\d{1,3}><\d{1,3}>\}", reply):
-                return 0.0
-            box = [int(v) for v in re.findall(r"\d+", reply)[:4]]
-            return float(box_iou_original(_pixels(box, row), _target_corners(row)) > 0.5)
-        return accuracy_by(rows, hit)
+        return accuracy_by(rows, lambda row: refcoco_original(row["prediction"], *_gold(row)))
 
 
-def _pixels(grid_box, row: dict) -> list[float]:
-    return grid_to_pixels(grid_box, row["target"]["width"], row["target"]["height"])
-
-
-def _target_corners(row: dict) -> list[float]:
-    x, y, w, h = row["target"]["bbox"]
-    return [x, y, x + w, y + h]
+def _gold(row: dict) -> tuple[list[float], float, float]:
+    target = row["target"]
+    return target["bbox"], target["width"], target["height"]
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
