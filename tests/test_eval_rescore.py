@@ -19,7 +19,8 @@ REFERENCE = json.loads((E2E / "reference.json").read_text())["accuracy"]
 FORMATS = ["ours.jsonl", "lmms_eval_samples.jsonl", "vlmevalkit.xlsx", "vlmevalkit.tsv"]
 
 
-def suite(tmp_path: Path, questions: Path = E2E / "questions.json", annotations: Path = E2E / "annotations.json") -> str:
+def suite(tmp_path: Path, questions: Path = E2E / "questions.json",
+          annotations: Path = E2E / "annotations.json") -> str:
     config = tmp_path / "suite.yaml"
     config.write_text(f"""evaluation:
   scoring: official,evalai,original

@@ -267,8 +267,8 @@ def write_testdev(root: Path, question_ids) -> Path:
 
 def test_vqav2_test_dev_run_writes_the_submission(tmp_path):
     questions = write_testdev(tmp_path, [4195880, 4195881, 262144000])
-    entry = {"name": "vqav2", "questions": str(questions), "annotations": None, "image_root": str(tmp_path / "test2015"),
-             "image_pattern": "COCO_test2015_{image_id:012d}.jpg"}
+    entry = {"name": "vqav2", "questions": str(questions), "annotations": None,
+             "image_root": str(tmp_path / "test2015"), "image_pattern": "COCO_test2015_{image_id:012d}.jpg"}
     settings = settings_for(tmp_path, benchmarks={"vqav2_testdev": entry}, scoring="official,evalai")
     replies = {"How many things 0?": "Two.", "How many things 1?": "The Red Car", "How many things 2?": "dont know"}
     summary = run(settings, ScriptedModel(replies))
