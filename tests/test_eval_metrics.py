@@ -149,7 +149,8 @@ def test_box_iou():
     ("{<10><20><30><40>}", (10, 20, 30, 40)),
     ("it is at { <1> <2> <3> <4> } here", (1, 2, 3, 4)),
     ("{<0><0><100><100>}", (0, 0, 100, 100)),
-    ("{<10><20><130><40>}", None),  # off the 0..100 grid
+    ("{<10><20><130><40>}", (10, 20, 130, 40)),  # past the 0..100 grid: kept and scaled, as the original does
+    ("{<10><20><30><40>} <5>", None),  # more than four numbers: a miss, as the original
     ("{<10><20><30>}", None),
     ("", None),
 ])

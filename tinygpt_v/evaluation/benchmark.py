@@ -87,8 +87,12 @@ class Benchmark:
 # --- shared helpers -----------------------------------------------------------------------------
 
 def clean_reply(text: str) -> str:
-    """The original's reply clean-up: drop <unk>, cut at '###', keep what follows 'Assistant:',
-    lower-case, strip. Applied before both scorings."""
+    """A reply tidied for our yes/no and true/false readers (Hateful Memes and VSR `official`):
+    drop <unk>, cut at '###', keep what follows 'Assistant:', lower-case, strip.
+
+    Not the original's clean-up: each original script has its own, in its own order (GQA and VSR
+    search the raw reply, VizWiz and Hateful Memes cut case-sensitively before lower-casing, RefCOCO
+    removes spaces); those live in tinygpt_v.evaluation.scoring."""
     text = text.replace("<unk>", "").split("###")[0].split("Assistant:")[-1]
     return text.strip().lower()
 

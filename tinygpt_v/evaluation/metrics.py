@@ -206,69 +206,24 @@ def parse_true_false(text: str) -> bool | None:
     return parse_polarity(text, {"true", "yes"}, {"false", "no"})
 
 
-# --- ranking ------------------------------------------------------------------------------------
+# --- ranking and boxes: tinygpt_v.evaluation.scoring (re-exported here) ----------------------------
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half.
-
-    Computed with average ranks (Mann-Whitney U), so tied scores, as from yes/no answers, are exact."""
-    positives = sum(1 for label in labels if label == 1)
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        raise ValueError("AUROC needs at least one positive and one negative label")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
-            end += 1
-        for i in order[start:end + 1]:
-            ranks[i] = (start + end) / 2 + 1  # 1-based average rank of the tie group
-        start = end + 1
-    positive_rank_sum = sum(rank for rank, label in zip(ranks, labels) if label == 1)
-    return (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    """Area under the ROC curve, ties counting one half: `scoring.roc_auc` (exact against
+    sklearn's `roc_auc_score`), arguments in this module's historical order."""
+    from .scoring import roc_auc
+    return roc_auc(labels, scores)
 
 
-# --- boxes ------------------------------------------------------------------------------------
-
-GRID = 100  # MiniGPT-v2 boxes are written on a 0..100 grid: {<x1><y1><x2><y2>}
-_BOX = re.compile(r"\{\s*<\s*(\d+)\s*>\s*<\s*(\d+)\s*>\s*<\s*(\d+)\s*>\s*<\s*(\d+)\s*>\s*\}")
+_IN_SCORING = {"GRID", "parse_grid_box", "grid_to_pixels", "box_iou", "box_iou_original"}
 
 
-def parse_grid_box(text: str) -> tuple[int, int, int, int] | None:
-    """The first `{<x1><y1><x2><y2>}` in the text; None when absent or off the 0..100 grid."""
-    match = _BOX.search(text)
-    if match is None:
-        return None
-    box = tuple(int(v) for v in match.groups())
-    if any(v > GRID for v in box):
-        return None
-    return box  # type: ignore[return-value]
-
-
-def grid_to_pixels(box: Sequence[float], width: float, height: float) -> list[float]:
-    x1, y1, x2, y2 = box
-    return [x1 / GRID * width, y1 / GRID * height, x2 / GRID * width, y2 / GRID * height]
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes in continuous coordinates; empty boxes give 0."""
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
-    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
-
-
-def box_iou_original(a: Sequence[float], b: Sequence[float]) -> float:
-    """The original's IoU: inclusive pixel coordinates, so every side is one pixel longer."""
-    inter = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1) * max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
-    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
-    return inter / (area_a + area_b - inter)
+def __getattr__(name: str):
+    # Box helpers live in scoring.py (which imports this module): resolved on first use.
+    if name in _IN_SCORING:
+        from . import scoring
+        return getattr(scoring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def mean_percent(values: Sequence[float]) -> float:
