@@ -22,7 +22,7 @@ from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..registry import DATASETS, PROCESSORS, ConfigError, Part
-from .base import StreamDataset, build_processors, image_prompt
+from .base import StreamDataset, build_processors
 from .images import SkipSample
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class WebDatasetPairs(StreamDataset):
             raise SkipSample("incomplete_sample", f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)}); "
                                                   f"it has {members}")
         image, _ = self.image(image_bytes, rng, where)
-        return self.sample(raw["__key__"], image_prompt(), self.text(caption, f"caption of {where}"), image)
+        # the original's stages 1-2: [BOS] image caption, no <Img> text (a prompt_template such as
+        # "<Img>{}</Img>" in the model config adds it back)
+        return self.sample(raw["__key__"], "<ImageHere>", self.text(caption, f"caption of {where}"), image)
 
     @staticmethod
     def _caption(raw: dict, where: str) -> str:
