@@ -72,7 +72,12 @@ def prepare_model(model: TinyGPTV, settings: InferenceSettings) -> TinyGPTV:
         if part is not None:
             part.to(device=device, dtype=torch.float32)
     vision_device = torch.device("cpu") if settings.vision_device == "cpu" else device
-    model.vision.to(device=vision_device, dtype=resolve_dtype(settings.vision_precision, vision_device))
+    vision_dtype = resolve_dtype(settings.vision_precision, vision_device)
+    model.vision.to(device=vision_device)
+    if hasattr(model.vision, "set_precision"):  # Linear/Conv weights only, as the original (models/vision.py)
+        model.vision.set_precision(vision_dtype)
+    else:
+        model.vision.to(dtype=vision_dtype)
     return model.eval()
 
 

@@ -1,8 +1,13 @@
 """Vision encoders: EVA ViT-g (BLIP-2's) on timm's Eva, or any timm model by name.
 
 A vision encoder is an nn.Module whose forward maps pixels (B, 3, S, S) to patch tokens
-(B, N, width) and which exposes `num_features` (the width). The original runs EVA in fp16;
-`precision` chooses the dtype of its weights, while the rest of the model stays fp32.
+(B, N, width) and which exposes `num_features` (the width).
+
+Precision, as the original runs its frozen EVA: `precision: fp16` converts the weights of the
+Linear and Conv layers only to fp16 (LAVIS `convert_weights_to_fp16`: that is nearly all of the
+memory), and the forward runs under autocast. LayerNorms, the position embedding, the class
+token and EVA's q/v biases stay fp32, and so does the residual stream (fp16 matmul outputs are
+added to an fp32 stream), where casting the whole tower would carry it in fp16 through 39 blocks.
 """
 from __future__ import annotations
 
@@ -16,6 +21,17 @@ from ..registry import VISION_ENCODERS, PathOrHubId
 
 Precision = Literal["fp32", "fp16", "bf16"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The layers whose weights a reduced precision converts (LAVIS convert_weights_to_fp16).
+LOW_PRECISION_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def convert_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Linear / Conv weights and biases to `dtype`; every other parameter and buffer unchanged."""
+    for module in model.modules():
+        if isinstance(module, LOW_PRECISION_LAYERS):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+    return model
 
 
 class TimmVisionEncoder(nn.Module):
@@ -23,16 +39,32 @@ class TimmVisionEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, precision: Precision):
         super().__init__()
-        self.model = model.to(DTYPES[precision])
+        self.model = model
         self.num_features = model.num_features
         self.image_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else None
+        self.set_precision(precision)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    def set_precision(self, precision: Precision | torch.dtype) -> "TimmVisionEncoder":
+        """fp32: everything fp32. fp16 / bf16: Linear and Conv weights in that dtype, the rest fp32,
+        the forward under autocast (see the module docstring)."""
+        self.compute_dtype = precision if isinstance(precision, torch.dtype) else DTYPES[precision]
+        self.model.float()
+        if self.compute_dtype != torch.float32:
+            convert_matmul_weights(self.model, self.compute_dtype)
+        return self
+
+    def _first_matmul_dtype(self) -> torch.dtype:
+        return next((m.weight.dtype for m in self.model.modules() if isinstance(m, LOW_PRECISION_LAYERS)),
+                    torch.float32)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(pixels.to(self.dtype))
+        device = next(self.parameters()).device
+        if self.compute_dtype == torch.float32 or device.type == "meta":
+            # no autocast (the meta device, shapes only, has none): pixels go in at the dtype of the
+            # first matmul layer, which is also right for a tower cast as a whole with .to(dtype)
+            return self.model.forward_features(pixels.to(device=device, dtype=self._first_matmul_dtype()))
+        with torch.autocast(device.type, dtype=self.compute_dtype):
+            return self.model.forward_features(pixels.to(device=device, dtype=torch.float32))
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.model.set_grad_checkpointing(enabled)
