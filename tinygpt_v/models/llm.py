@@ -115,6 +115,8 @@ def _qk_switch(model_type: str) -> str:
 
 def _load_pretrained(source: str, overrides: dict, dtype: str, attn_implementation: str,
                      quantization: str | None) -> PreTrainedModel:
+    from ..checkpoints.phi2_layout import today_layout_source
+    source = today_layout_source(source)  # an old Phi-2 layout folder -> its cached conversion
     llm_config = AutoConfig.from_pretrained(source, **overrides)
     kwargs = {"config": llm_config, "dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if quantization:
