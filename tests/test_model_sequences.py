@@ -149,3 +149,16 @@ def test_text_only_batch_and_marker_checks(tiny_model):
         m({"image": None, "prompt": [[IMG_PROMPT]], "answer": [["x"]]})
     with pytest.raises(ValueError, match="has 2"):
         m({"image": images(1), "prompt": [[IMG_PROMPT, IMG_PROMPT]], "answer": [["x", "y"]]})
+
+
+def test_stage1_sequence_is_bos_image_caption_and_img_tags_are_a_template_switch(tiny_model):
+    """The original's stages 1-2: [BOS] image caption end_sym, no <Img> text (our caption pairs
+    give the prompt "<ImageHere>"); `prompt_template: "<Img>{}</Img>"` puts the tags back."""
+    m = tiny_model
+    n_img = m.qformer.query_tokens.shape[1]
+    bos, pad = m.tokenizer.bos_token_id, m.tokenizer.pad_token_id
+    seq = m.build_sequence(["<ImageHere>"], ["a red circle"], n_img)
+    assert seq.ids == [bos] + [pad] * n_img + tok(m, "a red circle\n")
+    m.prompt_template = "<Img>{}</Img>"
+    seq = m.build_sequence(["<ImageHere>"], ["a red circle"], n_img)
+    assert seq.ids == [bos] + tok(m, "<Img>") + [pad] * n_img + tok(m, "</Img>") + tok(m, "a red circle\n")
