@@ -386,3 +386,11 @@ def test_a_trusted_pickle_converts_with_an_explicit_flag_only(tmp_path, capsys):
     assert "left out 1 non-tensor entries: settings" in capsys.readouterr().out
     converted = read_state_dict(out)
     assert set(converted) == {"a", "b"} and all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_the_end_of_a_run_prints_a_data_health_line_per_dataset(toy_root, tmp_path, capsys):
+    """Issue 20 item 6: samples used and skipped per dataset, after the summary line."""
+    fit(tiny_config(toy_root, tmp_path, max_steps=2))
+    out = capsys.readouterr().out.splitlines()
+    done = next(i for i, line in enumerate(out) if line.startswith("done:"))
+    assert out[done + 1].startswith("data coco_vqa: 4 samples used")  # 2 steps x batch 2

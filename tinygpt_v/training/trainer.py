@@ -318,6 +318,8 @@ class Trainer:
               f"({steps / max(seconds, 1e-9):.2f} steps/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s); "
               f"final loss {final_loss:.4f} (mean of last {len(tail)} steps); checkpoint {final}; curves {curves}",
               flush=True)
+        for line in getattr(self.loader, "health_summary", list)():  # samples used / skipped per dataset
+            print(line, flush=True)
 
 
 def _problem_report(checkpoint: Path, problems) -> str:
