@@ -159,3 +159,4 @@ def test_a_test_split_rescored_gives_the_submission_file(tmp_path, capsys):
     assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in submission)
     assert "wrote " in capsys.readouterr().out
     assert json.loads(out.read_text())["benchmarks"]["vqav2_testdev"]["samples"] == 40
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tinygpt_v.evaluation.benchmarks.vqa import original_reply_cleanup
+from tinygpt_v.evaluation.benchmarks.vqa import VQA, original_reply_cleanup
 from tinygpt_v.evaluation.metrics import VQA_ACCURACY, vqa_accuracy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scorers" / "vqa" / "cases.json.gz"
@@ -69,3 +69,15 @@ def test_lenient_is_not_the_default():
     assert list(VQA_ACCURACY)[0] == "official"
     assert VQA_ACCURACY["lenient"]("Yes.", ["yes"] * 10) == 1.0
     assert VQA_ACCURACY["official"]("Yes.", ["yes"] * 10) == 0.0
+
+
+def test_okvqa_original_protocol_prompt_is_the_originals():
+    # The prompt the original's eval_vqa.py built for GQA (recorded by running it, see
+    # tests/fixtures/make_benchmark_scorer_fixtures.py); its OKVQAEvalData writes the same
+    # instruction, so OK-VQA's differs only in the question.
+    recorded = json.loads((FIXTURE.parents[1] / "prompts.json").read_text())["gqa"]["prompt_example"]
+    e2e = FIXTURE.parent / "e2e"
+    okvqa = VQA(questions=str(e2e / "questions.json"), annotations=str(e2e / "annotations.json"), image_root=".",
+                protocol="original")
+    assert okvqa.samples()[0].prompt == recorded.replace("What is thing 0?", "question 0?")
+    assert okvqa.original_protocol

@@ -2,7 +2,9 @@
 
 Files: the official questions json {"questions": [{image_id, question, question_id}]} and
 annotations json {"annotations": [{question_id, answers: [{answer, ...}] x10, answer_type, ...}]};
-images `<image_root>/<image_pattern>` with the COCO file naming by default.
+images `<image_root>/<image_pattern>` with the COCO file naming by default. `protocol: original`
+builds the original eval_vqa.py's OK-VQA prompt (`OKVQAEvalData`'s instruction in its
+conversation template; see evaluation/original.py).
 
 Scorings (see `metrics.VQA_ACCURACY` for the sources, commits and differences):
 `official` (GT-Vision-Lab/VQA vqaEval.py, the default), `evalai` (Cloud-CV/VQA-Evaluation, the
@@ -19,9 +21,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...registry import BENCHMARKS, LocalPath
-from ..benchmark import (IMAGE_PROMPT, SHORT_ANSWER, Benchmark, BenchmarkDataError, Sample, accuracy_by,
-                         read_json, require)
+from ..benchmark import SHORT_ANSWER, Benchmark, BenchmarkDataError, Sample, accuracy_by, read_json, require
 from ..metrics import VQA_ACCURACY, normalize_vqa_answer
+from ..original import Protocol
 
 VQA_SCORINGS = tuple(VQA_ACCURACY)  # official, evalai, original, lenient
 
@@ -67,7 +69,7 @@ class VQAScorings:
 @BENCHMARKS.register("vqav2")
 @BENCHMARKS.register("okvqa")
 @dataclass(kw_only=True)
-class VQA(VQAScorings, Benchmark):
+class VQA(VQAScorings, Protocol, Benchmark):
     questions: LocalPath
     annotations: LocalPath | None = None  # null: test splits (no answers); predict, then write_submission
     image_root: LocalPath
@@ -87,7 +89,7 @@ class VQA(VQAScorings, Benchmark):
             samples.append(Sample(
                 id=str(qid),
                 image=os.path.join(self.image_root, image),
-                prompt=IMAGE_PROMPT.format(SHORT_ANSWER.format(require(q, "question", where, str))),
+                prompt=self.build_prompt(SHORT_ANSWER.format(require(q, "question", where, str))),
                 target=answers_of[qid] if answers_of is not None else {"answers": None, "answer_type": "unknown"}))
         return samples
 
