@@ -162,3 +162,12 @@ def test_stage1_sequence_is_bos_image_caption_and_img_tags_are_a_template_switch
     m.prompt_template = "<Img>{}</Img>"
     seq = m.build_sequence(["<ImageHere>"], ["a red circle"], n_img)
     assert seq.ids == [bos] + tok(m, "<Img>") + [pad] * n_img + tok(m, "</Img>") + tok(m, "a red circle\n")
+
+
+def test_generation_prompt_can_leave_out_bos_as_the_originals_generate(tiny_model):
+    m = tiny_model
+    n_img = m.qformer.query_tokens.shape[1]
+    with_bos = m.build_sequence([IMG_PROMPT], None, n_img)
+    without = m.build_sequence([IMG_PROMPT], None, n_img, add_bos=False)
+    assert with_bos.ids == [m.tokenizer.bos_token_id] + without.ids
+    assert without.labels == [IGNORE] * len(without.ids) and without.mask == [1] * len(without.ids)

@@ -141,8 +141,12 @@ class TinyGPTV(nn.Module):
         return seq
 
     def build_sequence(self, prompts: list[str], answers: list[str] | None, num_image_tokens: int,
-                       apply_template: bool = True, add_end_sym: bool = True) -> TokenSequence:
+                       apply_template: bool = True, add_end_sym: bool = True, add_bos: bool = True) -> TokenSequence:
         """Token sequence of one sample. `answers=None` gives a generation prompt.
+
+        `add_bos=False` leaves out the leading BOS: the original's `generate` has none (its
+        `get_context_emb` asks Phi-2's tokenizer for special tokens, which adds no BOS); its
+        training `forward` always has one.
 
         Training: [BOS] + prompt part capped at `max_context_len` (the original's prompt_wrap)
         + regressed part capped at `max_txt_len` (its tokenizer truncation), so the answer
@@ -151,7 +155,7 @@ class TinyGPTV(nn.Module):
         if apply_template:
             prompts = [self.prompt_template.format(p) for p in prompts]
         seq = TokenSequence()
-        seq.add_text([self.tokenizer.bos_token_id])
+        seq.add_text([self.tokenizer.bos_token_id] if add_bos else [])
         first = self._prompt_part(prompts[0], num_image_tokens)
         if answers is None:
             if len(prompts) != 1:
