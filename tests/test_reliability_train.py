@@ -115,7 +115,8 @@ def test_second_run_on_a_locked_folder_refuses_before_building_anything(toy_root
 
 def test_train_script_says_the_folder_is_locked_in_one_line(toy_root, lock_holder, tmp_path, capsys):
     out, holder = lock_holder
-    status, lines = run_train_script(capsys, "--cfg-path", str(write_yaml(tmp_path / "c.yaml", tiny_config(toy_root, out))))
+    config = write_yaml(tmp_path / "c.yaml", tiny_config(toy_root, out))
+    status, lines = run_train_script(capsys, "--cfg-path", str(config))
     assert status == 1 and len(lines) == 1
     assert lines[0].startswith("error: ") and str(out) in lines[0] and f"pid {holder.pid}" in lines[0]
 

@@ -3,8 +3,9 @@
 Foreign files (`.pth`, `.bin`) are read with `torch.load(weights_only=True)`: plain pickle can
 run arbitrary code, so a file holding more than tensors and plain containers is refused
 rather than trusted. The refusal says what the file asked to run and how to convert it once,
-explicitly, if the user trusts it (`convert_checkpoint.py unpickle --trust-pickle`). Safetensors files are opened lazily, so taking the vision weights out of
-a 15 GB Hugging Face BLIP-2 folder reads only those.
+explicitly, if the user trusts it (`convert_checkpoint.py unpickle --trust-pickle`).
+Safetensors files are opened lazily, so taking the vision weights out of a 15 GB Hugging Face
+BLIP-2 folder reads only those.
 
 Our own files are written atomically (temporary file + `os.replace`): a crash while saving
 leaves the previous file intact, never a truncated one.

@@ -63,7 +63,9 @@ def run_schema(
     checkpoint folder. A resume is exact (bit-identical to an uninterrupted run) or refused: missing
     or unreadable resume state (optimizer.bin, random_states_*.pkl, data_rank*.pt) is an error
     naming the file, unless `resume_inexact: true` accepts continuing without it (fresh optimiser
-    moments / RNG / data order for the missing part, each warned about). `max_grad_norm: null` disables clipping (the original does not clip).
+    moments / RNG / data order for the missing part, each warned about); `auto` first falls back
+    past a damaged newest checkpoint to the newest one that resumes exactly. `max_grad_norm: null`
+    disables clipping (the original does not clip).
     `cpu_threads` sets torch's intra-op threads (null: torch's default); 1 is the fastest for the
     tiny model and keeps a shared CPU from stalling in OpenMP barriers.
     """

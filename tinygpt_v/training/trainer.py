@@ -8,6 +8,10 @@ processes, so a NaN/inf anywhere stops every process at the same step, before an
 written. Each process's loss is weighted by its share of the step's target tokens, so the
 gradient DDP averages is the mean over every target token of the global batch: N processes
 with batch B train exactly like one process with batch N x B.
+
+Before anything is built, the main process locks the output folder (lock.py: a second run on
+it refuses) and the data is built before the model, so a missing file costs seconds. A resume
+is exact or refused (checkpointing.checkpoint_problems); see `run_schema` for `resume_inexact`.
 """
 from __future__ import annotations
 
