@@ -9,6 +9,10 @@
   # report what a file holds and how it maps, writing nothing
   python scripts/convert_checkpoint.py convert blip2_pretrained_flant5xxl.pth --dry-run
 
+  # one of our checkpoints -> the original's layout (as its runner writes checkpoint_{epoch}.pth),
+  # for the original's code; --peft-adapter default for peft >= 0.3 names (lora_A.default.weight)
+  python scripts/convert_checkpoint.py to-original output/stage4/checkpoint_final --out stage4_original.pth
+
   # the original's fused query_key_value Phi-2 folder -> today's transformers layout (llm.pretrained)
   python scripts/convert_checkpoint.py phi old_phi2/ --out phi2/
 
@@ -69,6 +73,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_to_original(args) -> int:
+    from tinygpt_v.checkpoints import convert_to_original
+    print(f"wrote {convert_to_original(args.source, args.out, args.peft_adapter)}")
+    return 0
+
+
 def cmd_phi(args) -> int:
     from tinygpt_v.checkpoints import convert_fused_phi
     print(f"wrote {convert_fused_phi(args.source, args.out)}")
@@ -108,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--non-strict", action="store_true", help="write even with missing/unexpected keys")
     convert.add_argument("--verbose", action="store_true", help="print full reports")
     convert.set_defaults(run=cmd_convert)
+
+    to_original = sub.add_parser("to-original", help="our checkpoint -> the original's runner layout (.pth)")
+    to_original.add_argument("source", help="our checkpoint folder or .safetensors")
+    to_original.add_argument("--out", required=True, help="output .pth")
+    to_original.add_argument("--peft-adapter", default=None,
+                             help="adapter name segment in LoRA keys: none (peft 0.2.0, the original's pin) "
+                                  "or 'default' (later peft)")
+    to_original.set_defaults(run=cmd_to_original)
 
     phi = sub.add_parser("phi", help="fused query_key_value Phi-2 folder -> today's transformers layout")
     phi.add_argument("source")

@@ -507,3 +507,29 @@ def test_convert_script_writes_our_format(tmp_path, model):
     assert script.main(["convert", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "bad.safetensors"),
                         "--config", str(REPO / "configs/models/tiny.yaml")]) == 1
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_convert_script_writes_the_original_layout_from_our_checkpoint(tmp_path, model):
+    """ours -> the original's names (fused adapter as one query_key_value LoRA) -> ours again."""
+    import importlib.util
+
+    from tinygpt_v.checkpoints import save_trainable
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "scripts/convert_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ours = save_trainable(model, tmp_path / "ours" / "model.safetensors")
+    out = tmp_path / "original.pth"
+    assert script.main(["to-original", str(ours.parent), "--out", str(out)]) == 0
+    written = torch.load(out, weights_only=True)["model"]
+    expected = set(tinygptv_stage(TINY))  # the original's names, as listed from REFERENCE.md
+    assert set(k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+               for k in written) == expected
+    before = snapshot(model)
+    with torch.no_grad():
+        model.connector.llama_proj2.weight.zero_()
+    (report,) = load_checkpoints(model, [out])
+    assert report.ok and report.format.startswith("original TinyGPT-V")
+    assert_unchanged(model, before)
+    assert script.main(["to-original", str(ours.parent), "--out", str(tmp_path / "b.pth"),
+                        "--peft-adapter", "default"]) == 0
+    assert set(torch.load(tmp_path / "b.pth", weights_only=True)["model"]) == expected

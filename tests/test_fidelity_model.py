@@ -224,3 +224,30 @@ def test_a_stage_file_missing_a_trained_tensor_is_still_an_error(tmp_path):
     model = build_model(reduced_stage_section(3), verbose=False)
     with pytest.raises(CheckpointError, match="1 missing"):
         load_checkpoints(model, [tmp_path / "damaged.pth"])
+
+
+@pytest.mark.parametrize("stage", [2, 4])
+def test_our_export_in_the_original_layout_holds_what_its_runner_writes(stage, tmp_path):
+    """save_original after loading the original's file: the same names (peft 0.2.0's adapter
+    naming, as the fixture's environment writes), shapes and values; and it loads back."""
+    from tinygpt_v.checkpoints import save_original
+    torch.manual_seed(0)
+    model = build_model(reduced_stage_section(stage), verbose=False)
+    load_checkpoints(model, [FIXTURES / f"stage{stage}.pth"])
+    theirs = {k: v for k, v in stage_file(f"stage{stage}.pth").items() if k != "Qformer.bert.embeddings.position_ids"}
+    path = save_original(model, tmp_path / "checkpoint_0.pth")
+    ours = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in theirs)
+    torch.manual_seed(1)
+    fresh = build_model(reduced_stage_section(stage), verbose=False)
+    (report,) = load_checkpoints(fresh, [path])
+    assert report.ok
+    assert all(torch.equal(fresh.get_parameter(n), model.get_parameter(n)) for n in report.matched)
+
+
+def test_per_projection_lora_cannot_be_written_in_the_original_layout(tmp_path):
+    from tinygpt_v.checkpoints import CheckpointError, save_original
+    model = build_model(reduced_stage_section(3, lora={"r": 8, "fused_qkv": False}), verbose=False)
+    with pytest.raises(CheckpointError, match="fused_qkv: true"):
+        save_original(model, tmp_path / "x.pth")

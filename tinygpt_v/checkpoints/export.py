@@ -8,12 +8,15 @@
 - `convert_to_ours`: any supported foreign file -> our safetensors, checked against the model
   the config describes (built on the meta device: names and shapes, no memory).
 - `convert_fused_phi`: the original's fused-qkv Phi-2 folder -> today's transformers layout.
+- `save_original(model, path)`: the trainable parameters under the original's names, as its
+  runner writes `checkpoint_{epoch}.pth` (`{"model": ...}`), for use with the original's code.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -163,3 +166,65 @@ def convert_fused_phi(source: str | os.PathLike, out: str | os.PathLike) -> Path
                 and not file.name.endswith(".index.json"):
             shutil.copy2(file, out / file.name)
     return out
+
+
+# --- the original's layout -----------------------------------------------------------------------
+
+# Our module prefix -> the original's (MiniGPT-4 / TinyGPT-V attribute names). The LLM keeps peft's
+# wrapper names, as the original's state_dict has them (`llama_model.base_model.model.model...`).
+_TO_ORIGINAL_PREFIXES = (("connector.", ""), ("qformer.query_tokens", "query_tokens"),
+                         ("qformer.bert.", "Qformer.bert."), ("ln_vision.", "ln_vision."),
+                         ("vision.model.", "visual_encoder."), ("llm.", "llama_model."))
+# Q-Former: ours (Hugging Face naming) -> LAVIS's BERT naming, inverse of keymaps.QFORMER_LAVIS.
+_QFORMER_TO_LAVIS = ((".attention.attention.", ".attention.self."),
+                     (".crossattention.attention.", ".crossattention.self."),
+                     ("Qformer.bert.layernorm.", "Qformer.bert.embeddings.LayerNorm."))
+
+
+def original_name(name: str, peft_adapter: str | None = None) -> str:
+    """Our parameter name -> the name the original's runner saves it under. `peft_adapter`:
+    None writes LoRA weights as peft 0.2.0 does (`lora_A.weight`, the version the original's
+    environment.yml pins); "default" as later peft versions (`lora_A.default.weight`)."""
+    for ours, theirs in _TO_ORIGINAL_PREFIXES:
+        if name.startswith(ours):
+            name = theirs + name[len(ours):]
+            break
+    else:
+        raise KeyError(name)
+    for ours, theirs in _QFORMER_TO_LAVIS:
+        name = name.replace(ours, theirs)
+    name = name.replace(".base_layer.", ".")
+    return re.sub(r"\.(lora_[AB])\.default\.", rf".\1.{peft_adapter}." if peft_adapter else r".\1.", name)
+
+
+def save_original(model: nn.Module, path: str | os.PathLike, peft_adapter: str | None = None,
+                  epoch: int = 0) -> Path:
+    """The trainable parameters under the original's names in its runner's file layout
+    (`{"model", "optimizer", "config", "scaler", "epoch"}`; no optimizer state), loadable by
+    the original's `load_checkpoint` and by `load_checkpoints` here. Only what the original's
+    model has a place for: a per-projection LoRA or separate q/k/v base weights are refused."""
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    return write_original(trainable, path, peft_adapter, epoch)
+
+
+def convert_to_original(source: str | os.PathLike, out: str | os.PathLike, peft_adapter: str | None = None) -> Path:
+    """One of our checkpoints (`save_trainable` file or folder) -> the original's layout."""
+    return write_original(read_state_dict(source), out, peft_adapter, source=str(source))
+
+
+def write_original(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, peft_adapter: str | None = None,
+                   epoch: int = 0, source: str | None = None) -> Path:
+    out = {}
+    for name, tensor in tensors.items():
+        if re.search(r"\.(q_proj|k_proj|v_proj)\.", name):
+            raise CheckpointError(source or path, f"'{name}' has no counterpart in the original, whose q/k/v are "
+                                                  f"one fused layer with one adapter: train with "
+                                                  f"model.lora.fused_qkv: true")
+        try:
+            out[original_name(name, peft_adapter)] = tensor.detach().cpu().clone()
+        except KeyError:
+            raise CheckpointError(source or path, f"'{name}' is not a TinyGPT-V parameter name") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": out, "optimizer": None, "config": {}, "scaler": None, "epoch": epoch}, path)
+    return path
