@@ -56,6 +56,12 @@ def build_demo(new_chat, generation: GenerationSettings | None = None):
                 session.chat.upload_image(image)
             session.image_key, messages = key, []
         messages = messages + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        try:
+            session.chat.prompt_for(question)  # too long for the context, or holding the image marker
+        except ValueError as e:
+            messages[-1] = {"role": "assistant", "content": f"(cannot ask that: {e})"}
+            yield question, messages, session
+            return
         for answer in session.chat.ask_stream(question, temperature=float(temperature), num_beams=int(num_beams),
                                               max_new_tokens=int(max_new_tokens)):
             messages[-1] = {"role": "assistant", "content": answer}
