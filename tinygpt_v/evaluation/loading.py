@@ -40,12 +40,18 @@ def load_model(cfg, settings: EvalSettings, device: torch.device):
 
 
 def place_precision(model, dtype: torch.dtype):
-    """The original's evaluation precision: the vision tower and the LLM in `dtype`; ln_vision, the
-    Q-Former and the projection in fp32 (the original keeps them fp32 and runs them under
-    autocast). encode_image feeds ln_vision fp32 tokens and casts the projection's output to the
-    LLM's dtype, so every part receives its own weights' dtype: a half ln_vision would meet fp32
-    tokens ("mixed dtype (CPU)" in bf16 on CPU; CUDA's layer_norm refuses it too)."""
-    model.to(dtype=dtype)
+    """The original's evaluation precision, as inference places it: the LLM in `dtype`; the vision
+    tower's matmul weights in `dtype` under autocast (`set_precision`, the original's
+    convert_weights_to_fp16); ln_vision, the Q-Former and the projection in fp32 (the original
+    keeps them fp32). encode_image feeds ln_vision fp32 tokens and casts the projection's output
+    to the LLM's dtype, so every part receives its own weights' dtype: a half ln_vision would
+    meet fp32 tokens ("mixed dtype (CPU)" in bf16 on CPU; CUDA's layer_norm refuses it too)."""
+    model.llm.to(dtype=dtype)
+    vision = getattr(model, "vision", None)
+    if hasattr(vision, "set_precision"):
+        vision.set_precision(dtype)
+    elif vision is not None:
+        vision.to(dtype=dtype)
     for name in ("ln_vision", "qformer", "connector"):
         part = getattr(model, name, None)
         if part is not None:
