@@ -19,7 +19,7 @@ from tinygpt_v.evaluation.benchmarks.iconqa import IconQA
 from tinygpt_v.evaluation.benchmarks.refcoco import RefCOCO
 from tinygpt_v.evaluation.benchmarks.vizwiz import VizWiz
 from tinygpt_v.evaluation.benchmarks.vsr import VSR
-from tinygpt_v.evaluation.original import ORIGINAL_GENERATION
+from tinygpt_v.evaluation.original import ORIGINAL_GENERATION, decode_like_original
 from tinygpt_v.evaluation.scoring import (accuracy_at_half, box_iou, gqa_official, gqa_original, grid_to_pixels,
                                           hateful_memes_original, iconqa_chosen_index, iconqa_official,
                                           iconqa_original, iconqa_original_candidates, parse_grid_box, refcoco_official,
@@ -170,6 +170,19 @@ def test_original_protocol_ranks_the_underscore_split_candidates(tmp_path):
     original = IconQA(problems=iconqa, image_root="i", protocol="original")
     assert original.samples()[0].candidates == ("big", "red", "blue")
     assert IconQA(problems=iconqa, image_root="i").samples()[0].candidates == ("big_red", "blue")
+
+
+def test_original_generate_settings_and_decoding_match_minigpt_base():
+    generate = json.loads((FIXTURES / "prompts.json").read_text(encoding="utf-8"))["generate"]
+    hf = generate["hf_generate_kwargs"]
+    assert generate["stopping_criteria_passed"] is False  # commented out in the original: no stop at "###"
+    assert ORIGINAL_GENERATION["stop_at_end_sym"] is False
+    assert hf["num_beams"] == ORIGINAL_GENERATION["num_beams"] and hf["do_sample"] == ORIGINAL_GENERATION["do_sample"]
+    assert hf["top_p"] == ORIGINAL_GENERATION["top_p"] and hf["temperature"] == ORIGINAL_GENERATION["temperature"]
+    assert hf["repetition_penalty"] == ORIGINAL_GENERATION["repetition_penalty"] and hf["length_penalty"] == 1
+    assert hf["min_length"] == 1 and ORIGINAL_GENERATION["min_new_tokens"] == 1  # see evaluation/original.py
+    for case in generate["decoded"]:
+        assert decode_like_original(case["decoded"]) == case["answer"], case
 
 
 def test_runner_generates_with_the_original_settings():
