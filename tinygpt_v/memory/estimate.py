@@ -219,6 +219,7 @@ def estimate_generation(cfg: dict, name: str = "generate", text_tokens: int | No
         if setting["vision_on_cpu"]:
             for t in [*model.vision.parameters(), *model.vision.buffers()]:
                 session.tracker.retag(t, "host")
+            session.tracker.reset_peak()  # the tower was counted on the GPU for a moment
         size, image_size = setting["batch_size"], setting["image_size"]
         n_image = model.num_image_tokens(torch.empty(1, 3, image_size, image_size)) if model.qformer is not None else None
         words = default_instruction_words(model.prompt_template) if text_tokens is None else text_tokens
