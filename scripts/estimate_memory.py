@@ -4,6 +4,7 @@
     python scripts/estimate_memory.py --cfg-path train_configs/stage1.yaml --options run.gradient_checkpointing=true
     python scripts/estimate_memory.py --cfg-path eval_configs/chat_stage4.yaml --options inference.quantization=nf4
     python scripts/estimate_memory.py --workload benchmarks/memory_workloads/train_b16_s192.yaml
+    python scripts/estimate_memory.py --paper-table benchmarks   # benchmarks/memory.{json,md}
 
 The full-size model is built with random init on fake tensors and one real training step (or
 one greedy generation) runs on them while every live device storage is counted, rounded as
@@ -19,12 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--paper-table", metavar="DIR",
+                        help="estimate every paper stage and inference mode and the validation workloads; "
+                             "write DIR/memory.json and DIR/memory.md")
     source.add_argument("--cfg-path", help="a train_configs/ or eval_configs/ YAML")
     source.add_argument("--workload", help="a benchmarks/memory_workloads/ YAML (validation workloads)")
     parser.add_argument("--options", nargs="+", default=[], help="config overrides, key=value")
@@ -41,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tinygpt_v.memory import estimate_config, estimate_workload, format_estimates, load_workload
+    if args.paper_table:
+        from tinygpt_v.memory.table import write_paper_table
+        write_paper_table(ROOT, Path(args.paper_table))
+        return 0
     if args.workload:
         estimates = [estimate_workload(load_workload(args.workload))]
     else:

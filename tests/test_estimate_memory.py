@@ -187,3 +187,31 @@ def test_benchmarks_table_says_every_paper_config_fits():
     assert all(r["peak_gb"] <= 24 for r in stages)
     fp16 = [r for r in rows if r["kind"] == "generate" and r["mode"] == "fp16"]
     assert fp16 and all(r["peak_gb"] <= r["budget_gb"] or r["misses_because"] for r in fp16)
+
+
+def _script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_training_config_writes_json_and_checks_a_budget(tmp_path, capsys):
+    script = _script()
+    out = tmp_path / "estimate.json"
+    args = ["--cfg-path", str(ROOT / "train_configs" / "demo_stage3.yaml"), "--tokens", "30", "--json", str(out)]
+    assert script.main(args) == 0
+    rows = json.loads(out.read_text())
+    assert rows and all(r["kind"] == "train" and r["setting"]["text_tokens"] == 30 for r in rows)
+    assert "peak GB" in capsys.readouterr().out
+    assert script.main(args + ["--budget-gb", "1e-6"]) == 1
+
+
+def test_cli_chat_config_estimates_one_generation(tmp_path):
+    out = tmp_path / "estimate.json"
+    assert _script().main(["--cfg-path", str(ROOT / "eval_configs" / "chat_tiny.yaml"), "--max-new-tokens", "5",
+                           "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["kind"] == "generate" and row["setting"]["max_new_tokens"] == 5
+    assert row["peak_bytes"] > row["breakdown"]["parameters"] > 0

@@ -222,7 +222,10 @@ def estimate_generation(cfg: dict, name: str = "generate", text_tokens: int | No
             session.tracker.reset_peak()  # the tower was counted on the GPU for a moment
         size, image_size = setting["batch_size"], setting["image_size"]
         n_image = model.num_image_tokens(torch.empty(1, 3, image_size, image_size)) if model.qformer is not None else None
-        words = default_instruction_words(model.prompt_template) if text_tokens is None else text_tokens
+        words = default_instruction_words(model.prompt_template)
+        if text_tokens is not None:  # prompt text tokens (all but the image embeddings)
+            empty = len(model.build_sequence([prompt_for(model.prompt_template, 0)], None, n_image or 0).ids)
+            words = max(0, text_tokens - (empty - (n_image or 0)))
         prompt = prompt_for(model.prompt_template, words)
         seqs = [model.build_sequence([prompt], None, n_image or 0) for _ in range(size)]
         with torch.no_grad(), session.tracker.phase_label("generate"):
