@@ -24,6 +24,10 @@
   # TinyGPTV.from_pretrained(folder) loads with no other file
   python scripts/convert_checkpoint.py export --config train_configs/stage4.yaml --out tinygpt_v_stage4/ \
       --ckpt output/stage4/checkpoint_1000
+  # ... with the Hugging Face files (config.json, generation_config.json, model card with the scores
+  # of eval.py's summary.json), uploaded to the Hub (or upload the folder later: hf upload ORG/NAME DIR)
+  python scripts/convert_checkpoint.py export --config eval_configs/chat_stage4.yaml --out tinygpt_v_stage4/ \
+      --ckpt weights/TinyGPT-V_for_Stage4.pth --scores output/eval/summary.json --push-to-hub ORG/NAME
 """
 from __future__ import annotations
 
@@ -99,9 +103,12 @@ def cmd_export(args) -> int:
     section = model_section(args.config, args.options)
     if args.ckpt:
         section["ckpt"] = args.ckpt
+    from tinygpt_v.checkpoints import hub_export
+    scores = hub_export.load_scores(args.scores) if args.scores else None  # a bad file fails before the build
     model = build_model(section, verbose=False)
     model.save_pretrained(args.out, section)
     print(f"wrote {args.out}")
+    hub_export.finish_export(args.out, scores, args.push_to_hub, args.private)
     return 0
 
 
@@ -144,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True)
     export.add_argument("--ckpt", nargs="*", default=None, help="checkpoints to load after building")
     export.add_argument("--options", nargs="*", default=[])
+    export.add_argument("--scores", help="eval.py's summary.json: the measured scores go into the model card")
+    export.add_argument("--push-to-hub", metavar="ORG/NAME",
+                        help="upload the folder to this Hub repository (created if needed; token from HF_TOKEN "
+                             "or `hf auth login`)")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     export.set_defaults(run=cmd_export)
 
     args = parser.parse_args(argv)

@@ -61,7 +61,8 @@ def list_files(manifest: dict, specs) -> int:
         approx = entry.get("approx_bytes") or 0
         total += approx
         source = entry.get("url") or f"hf://{entry['repo_id']}@{entry.get('revision', 'main')}"
-        print(f"{name:14} ~{approx / 1e9:5.2f} GB  {source}\n{'':14} -> {entry['dest']}   ({entry.get('what', '')})")
+        dest = entry["dest"] if entry["dest"] != "." else ", ".join(entry.get("files", {}))
+        print(f"{name:14} ~{approx / 1e9:5.2f} GB  {source}\n{'':14} -> {dest}   ({entry.get('what', '')})")
     print(f"total ~{total / 1e9:.1f} GB (estimates from parameter counts; the tool prints exact sizes)")
     return 0
 

@@ -56,6 +56,8 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, model_config: M
     config = export_config(model, section)
     save_safetensors_atomic(model.state_dict(), folder / WEIGHTS_FILE, {**FORMAT_METADATA, "content": "full"})
     model.tokenizer.save_pretrained(str(folder))
+    from .hub_export import write_hub_files
+    write_hub_files(model, folder, section)  # config.json, generation config, model card (Hub convention)
     header = ("# Exported TinyGPT-V model: load with TinyGPTV.from_pretrained(<this folder>).\n"
               "# Weights are in model.safetensors; the tokenizer is this folder (path '.').\n")
     write_text_atomic(folder / CONFIG_FILE, header + OmegaConf.to_yaml(OmegaConf.create({"model": config})))
