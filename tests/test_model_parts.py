@@ -299,3 +299,19 @@ def test_reduced_precision_eva_converts_matmul_weights_only_and_keeps_an_fp32_st
     with torch.no_grad():
         whole_tokens = whole.forward_features(pixels.to(low)).float()
     assert error < ((whole_tokens - expected).abs().max() / expected.abs().max()).item()
+
+
+def test_lora_kind_follows_the_config():
+    from tinygpt_v.models.llm import lora_settings
+    from tinygpt_v.registry import ConfigError
+    assert lora_settings()["target_modules"] == ["query_key_value", "dense"]
+    assert lora_settings(fused_qkv=False)["target_modules"] == ["q_proj", "k_proj", "v_proj", "dense"]
+    # configs and exports from before the fused adapter: per-projection, as they were trained
+    assert lora_settings(target_modules=["q_proj", "v_proj"])["fused_qkv"] is False
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        lora_settings(fused_qkv=True, target_modules=["q_proj", "dense"])
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        lora_settings(fused_qkv=False, target_modules=["query_key_value"])
+    per_projection = build(**{"lora.fused_qkv": False, "lora.target_modules": None})
+    lora = parameter_groups(per_projection)["lora"]
+    assert sum(".q_proj.lora_A." in n for n in lora) == 2 and not any("query_key_value" in n for n in lora)

@@ -288,12 +288,16 @@ def apply_lora(llm: PreTrainedModel, r: int, alpha: int, dropout: float, target_
 SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def lora_settings(r: PositiveInt = 64, alpha: PositiveFloat = 16, dropout: Fraction = 0.05, fused_qkv: bool = True,
-                  target_modules: list[str] | None = None) -> dict:
+def lora_settings(r: PositiveInt = 64, alpha: PositiveFloat = 16, dropout: Fraction = 0.05,
+                  fused_qkv: bool | None = None, target_modules: list[str] | None = None) -> dict:
     """Schema of the `model.lora` section (the paper's values are the defaults).
 
     `fused_qkv: true` (the original's): ONE adapter over q, k and v together (target
-    `query_key_value`) plus one on `dense`. `false`: separate adapters on q_proj, k_proj, v_proj."""
+    `query_key_value`) plus one on `dense`. `false`: separate adapters on q_proj, k_proj, v_proj.
+    Unset: true, unless `target_modules` names q_proj / k_proj / v_proj (configs and exports
+    written before the fused adapter existed)."""
+    if fused_qkv is None:
+        fused_qkv = not (target_modules and set(SEPARATE_QKV) & set(target_modules))
     if target_modules is None:
         target_modules = [FUSED_QKV_TARGET, "dense"] if fused_qkv else [*SEPARATE_QKV, "dense"]
     if fused_qkv and set(SEPARATE_QKV) & set(target_modules):
