@@ -171,3 +171,23 @@ def test_generation_prompt_can_leave_out_bos_as_the_originals_generate(tiny_mode
     without = m.build_sequence([IMG_PROMPT], None, n_img, add_bos=False)
     assert with_bos.ids == [m.tokenizer.bos_token_id] + without.ids
     assert without.labels == [IGNORE] * len(without.ids) and without.mask == [1] * len(without.ids)
+
+
+def test_original_protocol_generates_from_a_prompt_without_bos(tiny_model):
+    """The runner's original-protocol settings reach `generate`, which then hands the LLM one
+    position fewer (no BOS) than our protocol does, for the same prompt."""
+    from tinygpt_v.evaluation.runner import Generation
+    m = tiny_model.eval()
+    seen = []
+
+    def capture(**kwargs):
+        seen.append(kwargs["inputs_embeds"].shape[1])
+        return torch.zeros((1, 1), dtype=torch.long)
+
+    m.llm.generate = capture
+    prompt = "###Human: <Img><ImageHere></Img> what?###Assistant: "
+    original = Generation(1, 5, 1, 112, original=True).generate_kwargs()
+    ours = Generation(1, 5, 1, 112).generate_kwargs()
+    m.generate(images(1), [prompt], **original)
+    m.generate(images(1), [prompt], **{**ours, "apply_template": False})
+    assert original["add_bos"] is False and seen[1] == seen[0] + 1

@@ -37,7 +37,7 @@ ICONQA_INSTRUCTION = "###Human: " + IMAGE_SLOT + " {} ###Assistant: "
 
 # Keyword arguments for TinyGPTV.generate in the original protocol (max_new_tokens comes from
 # the benchmark entry; the original's benchmark_evaluation.yaml sets 20 everywhere).
-ORIGINAL_GENERATION = {"apply_template": False, "stop_at_end_sym": False, "min_new_tokens": 1,
+ORIGINAL_GENERATION = {"apply_template": False, "add_bos": False, "stop_at_end_sym": False, "min_new_tokens": 1,
                        "do_sample": False, "num_beams": 1, "top_p": 0.9, "temperature": 1.0,
                        "repetition_penalty": 1.0}
 

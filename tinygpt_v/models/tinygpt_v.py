@@ -279,7 +279,7 @@ class TinyGPTV(nn.Module):
                  do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, apply_template: bool = True, streamer=None,
                  static_cache: bool = False, compile: bool = False, stop_at_end_sym: bool = True,
-                 min_new_tokens: int = 0) -> list[str]:
+                 min_new_tokens: int = 0, add_bos: bool = True) -> list[str]:
         """Answer each prompt; stops at end_sym or EOS; returns the decoded strings.
 
         `static_cache` preallocates the KV cache (fixed shapes), which `compile` needs to turn
@@ -287,10 +287,12 @@ class TinyGPTV(nn.Module):
         `stop_at_end_sym=False` generates as the original's `generate` (its stopping criteria are
         commented out): on to EOS or max_new_tokens, the text decoded as it does
         (tinygpt_v.evaluation.original.decode_like_original), not cut at end_sym.
-        `min_new_tokens` bars EOS before that many tokens (the original's min_length=1)."""
+        `min_new_tokens` bars EOS before that many tokens (the original's min_length=1).
+        `add_bos=False` starts the prompt without BOS, as the original's `generate` does."""
         self.check_markers([[p] for p in prompts], images is not None)
         n_image = self.num_image_tokens(images)
-        seqs = [self.build_sequence([p], None, n_image, apply_template=apply_template) for p in prompts]
+        seqs = [self.build_sequence([p], None, n_image, apply_template=apply_template, add_bos=add_bos)
+                for p in prompts]
         embeds, mask, _ = self._embed(seqs, images, left_pad=True)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         out = self.llm.generate(
