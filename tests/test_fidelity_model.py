@@ -197,6 +197,10 @@ def test_original_stage_checkpoint_loads_with_our_stage_config(stage):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     lora = set(parameter_groups(model)["lora"])
     assert trained == set(report.matched) - (lora if stage == 1 else set())
+    # the same file named in the config (`model.ckpt`), as a user of the released files would
+    torch.manual_seed(0)
+    via_config = build_model(reduced_stage_section(stage, ckpt=str(FIXTURES / f"stage{stage}.pth")), verbose=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in via_config.state_dict().items())
 
 
 def test_main_copy_stage4_checkpoint_with_qformer_loads_and_keeps_final_norm():
