@@ -273,3 +273,24 @@ def test_real_manifest_covers_every_stage_and_config_path():
     assert len(phi["revision"]) == 40  # pinned to a commit, not a branch
     with pytest.raises(DownloadError, match="unknown weight set or entry.*stage9"):
         plan(manifest, "stage9", "w")
+
+
+def test_convert_flag_converts_an_old_layout_phi2_in_the_same_run(tmp_path, monkeypatch, capsys):
+    """A Phi-2 copied by hand in the original's fused layout is converted once, now."""
+    import shutil
+    monkeypatch.setenv("TINYGPT_V_CACHE", str(tmp_path / "cache"))
+    fused = ROOT / "tests" / "fixtures" / "phi2_layouts" / "fused"
+    weights = tmp_path / "weights"
+    shutil.copytree(fused, weights / "phi-2")
+    manifest = tmp_path / "manifest.json"
+    entry = {"kind": "hub", "repo_id": "microsoft/phi-2", "revision": COMMIT, "dest": "phi-2",
+             "files": {name: {"size": (fused / name).stat().st_size, "sha256": None}
+                       for name in ("config.json", "model.safetensors")}}
+    manifest.write_text(json.dumps({"files": {"phi2": entry}, "sets": {"base": ["phi2"]}}))
+    assert run_tool(["--stage", "base", "--dir", str(weights), "--manifest", str(manifest), "--offline",
+                     "--convert"]) == 0
+    out = capsys.readouterr().out
+    assert "fused query_key_value" in out and str(tmp_path / "cache") in out
+    from tinygpt_v.checkpoints.phi2_layout import TODAY, detect_layout
+    converted = next((tmp_path / "cache" / "phi2_today_layout").iterdir())
+    assert detect_layout(converted) == TODAY
