@@ -285,7 +285,7 @@ def test_reduced_precision_eva_converts_matmul_weights_only_and_keeps_an_fp32_st
         for pname, p in module.named_parameters(recurse=False):
             is_matmul = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
             assert p.dtype == (low if is_matmul else torch.float32), f"{name}.{pname}"
-    assert encoder.model.pos_embed.dtype == torch.float32 and encoder.model.blocks[0].norm1.weight.dtype == torch.float32
+    assert encoder.model.pos_embed.dtype == encoder.model.blocks[0].norm1.weight.dtype == torch.float32
     assert encoder.model.blocks[0].attn.qkv.weight.dtype == low
     pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
