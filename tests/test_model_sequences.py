@@ -191,3 +191,20 @@ def test_original_protocol_generates_from_a_prompt_without_bos(tiny_model):
     m.generate(images(1), [prompt], **original)
     m.generate(images(1), [prompt], **{**ours, "apply_template": False})
     assert original["add_bos"] is False and seen[1] == seen[0] + 1
+
+
+def test_original_candidate_ranking_is_minus_the_training_loss(tiny_model):
+    """The original's `multi_select` ranks each candidate by `forward`'s loss with its eval model
+    settings (no chat template, end_sym "\\n"). Our forward is checked against the original's
+    by the fidelity fixtures; here the original-protocol score must be exactly minus that loss."""
+    from tinygpt_v.evaluation.original import ORIGINAL_SCORING
+    m = tiny_model.eval()
+    prompt = "###Human: <Img><ImageHere></Img> which one? ###Assistant: "
+    candidates = ["red", "a blue square"]
+    m.prompt_template, m.end_sym = "[INST] {} [/INST]", "###"  # a stage-4 model: must not matter
+    scores = m.score_candidates(images(1), [prompt], [candidates], **ORIGINAL_SCORING)[0]
+    m.prompt_template, m.end_sym = "{}", "\n"
+    with torch.no_grad():
+        losses = [m({"image": images(1), "prompt": [[prompt]], "answer": [[c]]})["loss"].item() for c in candidates]
+    assert scores == pytest.approx([-loss for loss in losses], rel=1e-5)
+    assert scores != pytest.approx(m.score_candidates(images(1), [prompt], [candidates])[0])

@@ -41,6 +41,12 @@ ORIGINAL_GENERATION = {"apply_template": False, "add_bos": False, "stop_at_end_s
                        "do_sample": False, "num_beams": 1, "top_p": 0.9, "temperature": 1.0,
                        "repetition_penalty": 1.0}
 
+# Keyword arguments for TinyGPTV.score_candidates in the original protocol: `multi_select` ranks
+# candidates by `forward`'s loss, the mean token loss over candidate + end_sym. The evaluation
+# config (eval_configs/benchmark_evaluation.yaml) sets no end_sym and no chat_template, so the
+# model's defaults apply: end_sym "\n", and the prompt string is used as it is.
+ORIGINAL_SCORING = {"apply_template": False, "suffix": "\n", "mean": True}
+
 
 def conversation_prompt(question: str) -> str:
     """The full prompt `prepare_texts` builds for one question."""

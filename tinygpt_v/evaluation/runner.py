@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .benchmark import Benchmark, Sample
 from .images import BadImageError, image_transform, load_image
 from .loading import model_image_size
-from .original import ORIGINAL_GENERATION
+from .original import ORIGINAL_GENERATION, ORIGINAL_SCORING
 from .settings import EvalSettings
 from .store import PredictionStore
 from .summary import write_summary
@@ -40,6 +40,9 @@ class Generation:
         # batch_size is left out: a resumed run may use another one.
         return {"model": model_name, "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
                 "image_size": self.image_size, **({"protocol": "original"} if self.original else {})}
+
+    def score_kwargs(self) -> dict:
+        return dict(ORIGINAL_SCORING) if self.original else {}
 
     def generate_kwargs(self) -> dict:
         if self.original:
@@ -119,7 +122,8 @@ def predict_samples(model, samples: list[Sample], store: PredictionStore, genera
 def _predict(model, batch: list[Sample], images: torch.Tensor | None, generation: Generation) -> list[dict]:
     prompts = [s.prompt for s in batch]
     if batch[0].candidates is not None:
-        scores = model.score_candidates(images, prompts, [list(s.candidates) for s in batch])
+        scores = model.score_candidates(images, prompts, [list(s.candidates) for s in batch],
+                                        **generation.score_kwargs())
         predictions = [s.candidates[sc.index(max(sc))] for s, sc in zip(batch, scores)]
     else:
         predictions = model.generate(images, prompts, **generation.generate_kwargs())

@@ -28,7 +28,7 @@ class ScriptedModel:
         return [self.answer(p) for p in prompts]
 
     def score_candidates(self, images: torch.Tensor | None, prompts: list[str],
-                         candidates: list[list[str]]) -> list[list[float]]:
+                         candidates: list[list[str]], **_) -> list[list[float]]:
         self._take(images, prompts)
         return [[0.0 if c == self.answer(p) else -1.0 for c in options] for p, options in zip(prompts, candidates)]
 

@@ -215,10 +215,11 @@ class TinyGPTV(nn.Module):
             return self.qformer.query_tokens.shape[1]
         return self.vision(images[:1].to(self.vision_device)).shape[1]
 
-    def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True):
+    def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True, apply_template=True):
         self.check_markers(prompts, images is not None)
         n_image = self.num_image_tokens(images)
-        seqs = [self.build_sequence(p, a, n_image, add_end_sym=add_end_sym) for p, a in zip(prompts, answers)]
+        seqs = [self.build_sequence(p, a, n_image, apply_template=apply_template, add_end_sym=add_end_sym)
+                for p, a in zip(prompts, answers)]
         self._note_truncated(sum(s.prompt_truncated for s in seqs))
         return self._embed(seqs, images, left_pad=False)
 
@@ -253,19 +254,26 @@ class TinyGPTV(nn.Module):
         return causal_lm.get_output_embeddings()(hidden[:, :-1][predicts_target])
 
     @torch.no_grad()
-    def score_candidates(self, images: torch.Tensor | None, prompts: list[str],
-                         candidates: list[list[str]]) -> list[list[float]]:
-        """Sum of log-probabilities of each candidate answer after its prompt (no end_sym):
-        the likelihood ranking the original uses for multiple choice (IconQA)."""
+    def score_candidates(self, images: torch.Tensor | None, prompts: list[str], candidates: list[list[str]],
+                         apply_template: bool = True, suffix: str = "", mean: bool = False) -> list[list[float]]:
+        """Log-likelihood of each candidate answer after its prompt, for multiple choice (IconQA).
+
+        Default: the sum over the candidate's tokens, our template, no end_sym. The original's
+        `multi_select` ranks by its training loss instead: the mean over candidate + "\n" (its
+        eval model's end_sym) with the prompt as given, i.e. `apply_template=False, suffix="\n",
+        mean=True` (tinygpt_v.evaluation.original.ORIGINAL_SCORING)."""
         flat_prompts = [[p] for p, cands in zip(prompts, candidates) for _ in cands]
-        flat_answers = [[c] for cands in candidates for c in cands]
+        flat_answers = [[c + suffix] for cands in candidates for c in cands]
         owner = [i for i, cands in enumerate(candidates) for _ in cands]
         flat_images = images[owner] if images is not None else None
-        embeds, mask, labels = self.prepare_training_inputs(flat_images, flat_prompts, flat_answers, add_end_sym=False)
+        embeds, mask, labels = self.prepare_training_inputs(flat_images, flat_prompts, flat_answers, add_end_sym=False,
+                                                            apply_template=apply_template)
         logprobs = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
         targets = labels[:, 1:]
+        is_target = targets != IGNORE
         picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores = (picked * (targets != IGNORE)).sum(-1).tolist()
+        sums = (picked * is_target).sum(-1)
+        scores = (sums / is_target.sum(-1).clamp(min=1) if mean else sums).tolist()
         out, k = [], 0
         for cands in candidates:
             out.append(scores[k:k + len(cands)])
