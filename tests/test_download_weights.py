@@ -152,7 +152,8 @@ def fake_world(server: str, tmp_path: Path, sha_of: dict | None = None) -> Path:
         else:
             entry["revision"] = COMMIT
             for filename in entry["files"]:
-                FakeServer.files[f"/{entry['repo_id']}/resolve/{COMMIT}/{filename}"] = fake_bytes(700, seed=len(filename))
+                path = f"/{entry['repo_id']}/resolve/{COMMIT}/{filename}"
+                FakeServer.files[path] = fake_bytes(700, seed=len(filename))
         files[name] = entry
     for (name, filename), sha in (sha_of or {}).items():
         if filename is None:

@@ -88,6 +88,14 @@ def test_today_layout_and_hub_ids_pass_through():
     assert today_layout_source("microsoft/phi-2") == "microsoft/phi-2"
 
 
+def test_other_model_families_pass_through(tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    assert today_layout_source(folder) == str(folder)
+
+
 def test_a_folder_without_phi_attention_is_one_clear_error(tmp_path):
     folder = tmp_path / "not_phi"
     folder.mkdir()

@@ -91,7 +91,8 @@ def hub_config(model, section: Mapping) -> dict:
         lora_config=_settings(lora) if lora else None,
         tinygpt_v={"version": __version__, "num_parameters": counts, "weights": "model.safetensors",
                    "config": "config.yaml", "prompt_template": section.get("prompt_template"),
-                   "end_sym": section.get("end_sym"), "base_model": _hub_id((section.get("llm") or {}).get("pretrained")),
+                   "end_sym": section.get("end_sym"),
+                   "base_model": _hub_id((section.get("llm") or {}).get("pretrained")),
                    "load": "from tinygpt_v.models import TinyGPTV; TinyGPTV.from_pretrained(<this folder>)"},
         architectures=[ARCHITECTURE])
     out = config.to_dict()

@@ -204,6 +204,13 @@ def convert_folder(source: str | os.PathLike, out: str | os.PathLike, layout: st
 
 # --- the hook used by the LLM loader ----------------------------------------------------------------
 
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None  # no readable config.json: transformers will say so
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TINYGPT_V_CACHE") or Path.home() / ".cache" / "tinygpt_v")
 
@@ -223,8 +230,8 @@ def today_layout_source(source: str | os.PathLike) -> str:
     """`source` itself for a hub id or a folder in today's layout; otherwise the path of its
     conversion to today's layout, made once and cached."""
     path = Path(source)
-    if not path.is_dir():
-        return str(source)
+    if not path.is_dir() or _model_type(path) not in ("phi", "phi-msft"):
+        return str(source)  # a hub id, or another model family: transformers reads it as it is
     layout = detect_layout(path)
     if layout == TODAY:
         return str(source)
