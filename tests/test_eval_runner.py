@@ -214,7 +214,7 @@ def test_unknown_selection_and_scoring_are_named(tmp_path):
         load_config(path, ["evaluation.select=[gqa]"])
 
 
-@pytest.mark.parametrize("suite", ["benchmarks.yaml", "demo.yaml"])
+@pytest.mark.parametrize("suite", ["benchmarks.yaml", "benchmarks_original.yaml", "demo.yaml"])
 def test_shipped_suites_are_valid(suite):
     # Their data is not on this machine: check the section's keys and types, and every entry's
     # keys against its benchmark, without requiring the files.
@@ -228,6 +228,10 @@ def test_shipped_suites_are_valid(suite):
     for key, entry in cfg.evaluation.benchmarks.items():
         benchmark = BENCHMARKS.get(entry.get("name", key))
         assert set(entry) - {"name"} <= set(inspect.signature(benchmark).parameters), key
+    if suite == "benchmarks_original.yaml":  # every entry of the paper suite, each in the original protocol
+        paper = load_config(REPO / "eval_configs/benchmarks.yaml", ["evaluation.select=[]"], validate=False)
+        assert set(cfg.evaluation.benchmarks) == set(paper.evaluation.benchmarks)
+        assert {entry.protocol for entry in cfg.evaluation.benchmarks.values()} == {"original"}
     if suite == "benchmarks.yaml":
         assert {"gqa", "vsr", "iconqa", "vizwiz", "hateful_memes", "okvqa", "vqav2", "refcoco_val",
                 "refcoco+_testA", "refcocog_test"} <= set(cfg.evaluation.benchmarks)
