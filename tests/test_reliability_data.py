@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import re
 import struct
 import tarfile
 import zlib
@@ -445,3 +446,44 @@ def test_health_summary_counts_used_and_skipped_samples_and_survives_resume(tmp_
     assert resumed.health_summary()[0].startswith("data data: 6 samples used")
     fresh = loader_for(entry, builder)
     assert fresh.health_summary() == ["data data: 0 samples used, none skipped"]
+
+
+def test_gqa_dict_layout_values_that_are_not_objects_are_skipped(tmp_path):
+    """The official GQA layout {question id: record}: a bad value is a counted skip, as a bad
+    record of the list layout is, not a TypeError at start-up."""
+    write_images(tmp_path, ["g0", "g1"])
+    questions = {"q0": {"question": "what?", "answer": "x", "image": "g0.jpg"}, "q1": "oops",
+                 "q2": {"question": "what?", "answer": "y", "image": "g1.jpg"}}
+    (tmp_path / "gqa.json").write_text(json.dumps(questions))
+    loader = loader_for({"vis_processor": VIS, "ann_paths": [str(tmp_path / "gqa.json")],
+                         "image_root": str(tmp_path)}, "gqa")
+    assert set(draw(loader, 2)) == {"q0", "q2"}
+    assert loader.skip_counts()["data"] == {"bad_record": 1}
+
+
+@pytest.mark.parametrize("reader", ["refcoco_refs", "refcoco_instances", "vg_image_data", "vg_regions", "ocrvqa"])
+def test_start_up_readers_name_the_file_of_an_entry_that_is_not_an_object(tmp_path, reader):
+    ref = {"split": "train", "ann_id": 1, "image_id": 1, "sentences": [{"sent": "the left one"}]}
+    instances = {"annotations": [{"id": 1, "bbox": [0, 0, 4, 4]}], "images": [{"id": 1, "width": 8, "height": 8}]}
+    image = {"image_id": 1, "url": "http://x/VG_100K/1.jpg"}
+    regions = [{"regions": [{"image_id": 1, "width": 2, "height": 2, "x": 0, "y": 0, "phrase": "dot"}]}]
+    if reader.startswith("refcoco"):
+        folder = tmp_path / "refcoco"
+        folder.mkdir()
+        refs = ["oops", ref] if reader == "refcoco_refs" else [ref]
+        instances["annotations"] = instances["annotations"] if reader == "refcoco_refs" else [7]
+        (folder / "refs(unc).json").write_text(json.dumps(refs))
+        (folder / "instances.json").write_text(json.dumps(instances))
+        entry, builder = {"ann_root": str(tmp_path), "image_root": str(tmp_path)}, "refcoco"
+        bad = folder / ("refs(unc).json" if reader == "refcoco_refs" else "instances.json")
+    elif reader.startswith("vg"):
+        (tmp_path / "image_data.json").write_text(json.dumps([None] if reader == "vg_image_data" else [image]))
+        (tmp_path / "region_descriptions.json").write_text(json.dumps(["x"] if reader == "vg_regions" else regions))
+        entry, builder = {"data_root": str(tmp_path)}, "refvg"
+        bad = tmp_path / ("image_data.json" if reader == "vg_image_data" else "region_descriptions.json")
+    else:
+        (tmp_path / "dataset.json").write_text(json.dumps({"b1": [1, 2]}))
+        entry, builder = {"ann_path": str(tmp_path / "dataset.json"), "image_root": str(tmp_path)}, "ocrvqa"
+        bad = tmp_path / "dataset.json"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(bad))}: .*(is a JSON|is not an object)"):
+        loader_for({"vis_processor": VIS, **entry}, builder)

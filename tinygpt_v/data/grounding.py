@@ -17,12 +17,13 @@ import os
 import random
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from ..registry import DATASETS, PROCESSORS, ConfigError, LocalPath, Part
 from . import prompts
 from .base import (MapDataset, SkipSample, build_processors, format_box, image_file, read_json,
-                   read_plain_pickle, record_field, require_dir, require_file)
+                   read_plain_pickle, record_field, require_dir, require_file, require_objects)
 
 DEFAULT_VIS = {"name": "blip2_image_train", "image_size": 448}
 
@@ -66,8 +67,14 @@ def _read_refs(ann_root: str, dataset: str, split_by: str, split: str) -> list:
     if os.path.isfile(refs_path):
         refs = read_plain_pickle(refs_path, "ann_root")
     else:
-        refs = read_json(os.path.join(folder, f"refs({split_by}).json"), "ann_root")
-    instances = read_json(os.path.join(folder, "instances.json"), "ann_root")
+        refs_path = os.path.join(folder, f"refs({split_by}).json")
+        refs = read_json(refs_path, "ann_root")
+    require_objects(refs, refs_path, "ann_root", "ref")
+    instances_path = os.path.join(folder, "instances.json")
+    instances = read_json(instances_path, "ann_root")
+    if not isinstance(instances, Mapping):
+        raise ConfigError("ann_root", f"{instances_path}: expected an object with 'annotations'")
+    require_objects(instances.get("annotations", []), instances_path, "ann_root", "annotation")
     boxes = {ann["id"]: ann["bbox"] for ann in instances.get("annotations", [])}
     records = [(ref, boxes[ref["ann_id"]]) for ref in refs
                if ref.get("split") == split and ref.get("ann_id") in boxes]
@@ -239,10 +246,10 @@ class VisualGenomeRefer(MapDataset):
 def _vg_records(data_root: str, max_region_area: int) -> list[tuple]:
     # image files are named by the last two parts of the url: VG_100K/<id>.jpg or VG_100K_2/<id>.jpg
     files = {}
-    for meta in read_json(os.path.join(data_root, "image_data.json"), "data_root"):
+    for meta in _objects(os.path.join(data_root, "image_data.json"), "image"):
         files[meta.get("image_id", meta.get("id"))] = "/".join(meta["url"].split("/")[-2:])
     records = []
-    for entry in read_json(os.path.join(data_root, "region_descriptions.json"), "data_root"):
+    for entry in _objects(os.path.join(data_root, "region_descriptions.json"), "entry"):
         for r in entry.get("regions", []):
             if r["width"] * r["height"] < max_region_area and r["image_id"] in files:
                 records.append((files[r["image_id"]], r.get("region_id", len(records)),
@@ -250,6 +257,14 @@ def _vg_records(data_root: str, max_region_area: int) -> list[tuple]:
     if not records:
         raise ConfigError("data_root", f"{data_root}: no regions smaller than {max_region_area} px^2")
     return records
+
+
+def _objects(path: str, what: str) -> list:
+    items = read_json(path, "data_root")
+    if not isinstance(items, list):
+        raise ConfigError("data_root", f"{path}: expected a list")
+    require_objects(items, path, "data_root", what)
+    return items
 
 
 @DATASETS.register("refvg")

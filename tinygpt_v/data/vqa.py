@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from collections.abc import Mapping
 from typing import Annotated
 
 from ..registry import DATASETS, PROCESSORS, ConfigError, LocalPath, Part
@@ -68,7 +69,10 @@ def _vqa(ann_paths, image_root, image_pattern, answer_field, vis_processor, text
         key = f"ann_paths[{i}]"
         data = read_json(path, key)
         if isinstance(data, dict):  # official GQA layout: {question id: record}
-            data = [{"question_id": qid, **record} for qid, record in data.items()]
+            # a value that is not an object stays as it is: check_first_record turns it into a
+            # counted skip, as in the list layout
+            data = [{"question_id": qid, **record} if isinstance(record, Mapping) else record
+                    for qid, record in data.items()]
         if not isinstance(data, list):
             raise ConfigError(key, f"{path}: expected a list of questions")
         check_first_record(data, ["question", answer_field], path, key)
@@ -124,7 +128,9 @@ def _ocrvqa_records(ann_path: str, split: int) -> list[dict]:
         raise ConfigError("ann_path", f"{ann_path}: expected OCR-VQA's dataset.json (an object keyed by image id)")
     records = []
     for image_id, book in data.items():
-        if not isinstance(book, dict) or book.get("split") != split:
+        if not isinstance(book, Mapping):
+            raise ConfigError("ann_path", f"{ann_path}: entry '{image_id}' is not an object")
+        if book.get("split") != split:
             continue
         extension = os.path.splitext(book.get("imageURL", ""))[1] or ".jpg"
         for n, (question, answer) in enumerate(zip(book.get("questions", []), book.get("answers", []))):
