@@ -41,6 +41,8 @@ class FakeServer(BaseHTTPRequestHandler):
         data = self.files.get(self.path)
         if data is None:
             self.send_response(404)
+            if "/resolve/" in self.path:  # as the Hub answers for a file a revision lacks
+                self.send_header("X-Error-Code", "EntryNotFound")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -295,3 +297,18 @@ def test_convert_flag_converts_an_old_layout_phi2_in_the_same_run(tmp_path, monk
     from tinygpt_v.checkpoints.phi2_layout import TODAY, detect_layout
     converted = next((tmp_path / "cache" / "phi2_today_layout").iterdir())
     assert detect_layout(converted) == TODAY
+
+
+def test_optional_hub_file_missing_at_the_revision_is_no_error_but_a_required_one_is(hub_env, tmp_path, capsys,
+                                                                                    monkeypatch):
+    manifest = fake_world(hub_env, tmp_path)
+    del FakeServer.files[f"/microsoft/phi-2/resolve/{COMMIT}/special_tokens_map.json"]  # optional
+    weights = tmp_path / "weights"
+    assert run_tool(["--dir", str(weights), "--manifest", str(manifest), "--no-progress"]) == 0
+    assert "absent" in capsys.readouterr().out
+    del FakeServer.files[f"/microsoft/phi-2/resolve/{COMMIT}/tokenizer.json"]  # required
+    (weights / "phi-2" / "tokenizer.json").unlink()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "fresh-cache"))  # a commit's cached files need no request
+    assert run_tool(["--dir", str(weights), "--manifest", str(manifest), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and "tokenizer.json: no such file in microsoft/phi-2" in out

@@ -42,6 +42,10 @@ class ChecksumError(DownloadError):
     pass
 
 
+class NotOnHub(DownloadError):
+    """The repository has no such file at that revision."""
+
+
 class OfflineError(DownloadError):
     """The source cannot be reached (no network, or offline mode) and no local copy exists."""
 
@@ -63,6 +67,7 @@ class FileSpec:
     repo_id: str | None = None
     filename: str | None = None
     revision: str | None = None
+    optional: bool = False            # a Hub file some revisions lack (tokenizer extras): absence is no error
 
     @property
     def source(self) -> str:
@@ -74,7 +79,7 @@ class FileSpec:
 @dataclass
 class Outcome:
     spec: FileSpec
-    status: str                       # "downloaded", "present", "linked", "offline", "failed"
+    status: str                       # "downloaded", "present", "linked", "absent", "offline", "failed"
     sha256: str | None = None
     size: int | None = None
     message: str = ""
@@ -114,7 +119,8 @@ def _specs(name: str, entry: dict, root: Path) -> Iterable[FileSpec]:
             return
         for filename, check in entry["files"].items():
             yield FileSpec(name, root / entry["dest"] / filename, check.get("size"), check.get("sha256"),
-                           repo_id=entry["repo_id"], filename=filename, revision=entry.get("revision") or "main")
+                           repo_id=entry["repo_id"], filename=filename, revision=entry.get("revision") or "main",
+                           optional=bool(check.get("optional")))
     except KeyError as e:
         raise DownloadError(f"weights manifest: entry '{name}' lacks {e}") from e
 
@@ -222,7 +228,11 @@ def fetch_hub(spec: FileSpec, offline: bool = False, progress: bool = True) -> t
         why = "offline mode" if offline else "the Hub cannot be reached"
         raise OfflineError(f"{spec.repo_id}/{spec.filename}: {why} and it is not in the Hub cache "
                            f"({type(e).__name__})", spec.source, spec.dest) from None
-    except (EntryNotFoundError, HfHubHTTPError) as e:
+    except EntryNotFoundError:
+        raise NotOnHub(f"{spec.source}: no such file in {spec.repo_id} at {spec.revision}") from None
+    except HfHubHTTPError as e:
+        if getattr(getattr(e, "response", None), "status_code", None) == 404:
+            raise NotOnHub(f"{spec.source}: no such file in {spec.repo_id} at {spec.revision}") from None
         raise DownloadError(f"{spec.source}: {str(e).splitlines()[0]}") from None
     cached = Path(cached)
     notes = []
@@ -273,6 +283,9 @@ def fetch(spec: FileSpec, offline: bool = False, progress: bool = True) -> Outco
         return Outcome(spec, "linked", digest, cached.stat().st_size, notes=notes)
     except OfflineError as e:
         return Outcome(spec, "offline", message=str(e))
+    except NotOnHub as e:
+        return Outcome(spec, "absent" if spec.optional else "failed",
+                       message=f"{e} (optional: not needed)" if spec.optional else str(e))
     except DownloadError as e:
         return Outcome(spec, "failed", message=str(e))
 
