@@ -312,3 +312,28 @@ def test_optional_hub_file_missing_at_the_revision_is_no_error_but_a_required_on
     assert run_tool(["--dir", str(weights), "--manifest", str(manifest), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "failed" in out and "tokenizer.json: no such file in microsoft/phi-2" in out
+
+
+def test_downloaded_phi2_folder_of_cache_links_loads_with_the_reference_logits(hub_env, tmp_path, monkeypatch):
+    """End to end: a (tiny) Phi-2 in the original's fused layout served by the fake Hub, fetched
+    into weights/phi-2 (links into the Hub cache), then `llm.pretrained: weights/phi-2`."""
+    import torch
+    from safetensors.torch import load_file
+    from tinygpt_v.models.llm import hf_causal_lm
+    monkeypatch.setenv("TINYGPT_V_CACHE", str(tmp_path / "cache"))
+    fused = ROOT / "tests" / "fixtures" / "phi2_layouts" / "fused"
+    files = ("config.json", "model.safetensors")
+    for name in files:
+        FakeServer.files[f"/microsoft/phi-2/resolve/{COMMIT}/{name}"] = (fused / name).read_bytes()
+    entry = {"kind": "hub", "repo_id": "microsoft/phi-2", "revision": COMMIT, "dest": "phi-2",
+             "files": {name: {"size": None, "sha256": None} for name in files}}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"files": {"phi2": entry}, "sets": {"base": ["phi2"]}}))
+    weights = tmp_path / "weights"
+    assert run_tool(["--stage", "base", "--dir", str(weights), "--manifest", str(manifest), "--no-progress"]) == 0
+    assert (weights / "phi-2" / "model.safetensors").is_symlink()
+    expected = load_file(ROOT / "tests" / "fixtures" / "phi2_layouts" / "expected.safetensors")
+    llm = hf_causal_lm(pretrained=str(weights / "phi-2"), dtype="fp32", attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = llm(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits_fused"], rtol=1e-4, atol=1e-4)
