@@ -219,7 +219,8 @@ def fetch_hub(spec: FileSpec, offline: bool = False, progress: bool = True) -> t
                                         OfflineModeIsEnabled)
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if not progress:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     try:
         cached = hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision,
                                  cache_dir=os.environ.get("HF_HUB_CACHE") or None,
