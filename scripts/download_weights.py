@@ -35,9 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--convert", action="store_true",
                         help="also convert an old-layout Phi-2 folder now (loading does it by itself otherwise)")
     parser.add_argument("--list", action="store_true", help="print the files, sources and sizes; fetch nothing")
+    parser.add_argument("--revision", action="append", default=[], metavar="ENTRY=REV",
+                        help="another Hub revision for an entry, e.g. phi2=main (default: the manifest's pin)")
     args = parser.parse_args(argv)
     try:
         manifest = load_manifest(args.manifest)
+        for override in args.revision:
+            entry, _, revision = override.partition("=")
+            if manifest["files"].get(entry, {}).get("kind") != "hub" or not revision:
+                raise DownloadError(f"--revision {override}: expected HUB_ENTRY=REVISION with HUB_ENTRY one of "
+                                    f"{sorted(k for k, v in manifest['files'].items() if v['kind'] == 'hub')}")
+            manifest["files"][entry]["revision"] = revision
         specs = plan(manifest, args.stage, args.dir)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -337,3 +337,16 @@ def test_downloaded_phi2_folder_of_cache_links_loads_with_the_reference_logits(h
     with torch.no_grad():
         logits = llm(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits_fused"], rtol=1e-4, atol=1e-4)
+
+
+def test_revision_override_and_its_errors(hub_env, tmp_path, capsys):
+    manifest = fake_world(hub_env, tmp_path)
+    for filename in load_manifest()["files"]["stage4"]["files"]:
+        FakeServer.files[f"/Tyrannosaurus/TinyGPT-V/resolve/v1.0/{filename}"] = b"tagged release"
+    weights = tmp_path / "weights"
+    assert run_tool(["--stage", "stage4", "--dir", str(weights), "--manifest", str(manifest), "--no-progress",
+                     "--revision", "stage4=v1.0"]) == 0
+    assert (weights / "TinyGPT-V_for_Stage4.pth").read_bytes() == b"tagged release"
+    assert f"revision v1.0 is commit {COMMIT}: pin it in the manifest" in capsys.readouterr().out
+    assert run_tool(["--manifest", str(manifest), "--revision", "eva_vit_g=main"]) == 1
+    assert "expected HUB_ENTRY=REVISION" in capsys.readouterr().err
