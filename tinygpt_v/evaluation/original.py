@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..models.tinygpt_v import decode_like_original  # noqa: F401  (re-exported: the protocol's decoding)
+
 IMAGE_SLOT = "<Img><ImageHere></Img>"
 # CONV_VISION_minigptv2 (system "") after prepare_texts: sep + role + message + sep + role.
 CONVERSATION = "###Human: {}###Assistant: "
@@ -53,9 +55,6 @@ def conversation_prompt(question: str) -> str:
     return CONVERSATION.format(f"{IMAGE_SLOT} {question}")
 
 
-def decode_like_original(text: str) -> str:
-    """`minigpt_base.generate`'s post-processing of the decoded text."""
-    return text.split("</s>")[0].replace("<s>", "").split("[/INST]")[-1].strip()
 
 
 @dataclass(kw_only=True)

@@ -29,6 +29,12 @@ IMAGE_MARKER = "<ImageHere>"
 IGNORE = -100
 
 
+def decode_like_original(text: str) -> str:
+    """The original's `minigpt_base.generate` post-processing of the decoded text (used by the
+    `original` evaluation protocol, tinygpt_v.evaluation.original)."""
+    return text.split("</s>")[0].replace("<s>", "").split("[/INST]")[-1].strip()
+
+
 @dataclass
 class TokenSequence:
     """One sample as token ids; image positions hold a placeholder id and are flagged.
@@ -294,7 +300,7 @@ class TinyGPTV(nn.Module):
         the decode step into one compiled graph (CUDA graphs on GPU); neither changes results.
         `stop_at_end_sym=False` generates as the original's `generate` (its stopping criteria are
         commented out): on to EOS or max_new_tokens, the text decoded as it does
-        (tinygpt_v.evaluation.original.decode_like_original), not cut at end_sym.
+        (`decode_like_original`), not cut at end_sym.
         `min_new_tokens` bars EOS before that many tokens (the original's min_length=1).
         `add_bos=False` starts the prompt without BOS, as the original's `generate` does."""
         self.check_markers([[p] for p in prompts], images is not None)
@@ -312,7 +318,6 @@ class TinyGPTV(nn.Module):
             min_new_tokens=min_new_tokens or None, **sampling)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         if not stop_at_end_sym:
-            from ..evaluation.original import decode_like_original
             return [decode_like_original(text) for text in texts]
         return [self.clean_answer(text) for text in texts]
 
