@@ -147,21 +147,25 @@ def test_tiny_preset_one_estimate_per_batch_size_and_checkpointing_saves_activat
 
 
 def test_generation_shortcut_matches_every_step():
+    """The middle decode steps run as one chunk: the peak may only grow by that chunk's
+    temporaries (on the full-size generate_b1 workload: 7.76 GB against 7.75 GB step by step)."""
     from tinygpt_v.memory.workloads import build_llm
-    spec = {"model_type": "phi", "dtype": "fp16", "config": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 4}}
+    spec = {"model_type": "phi", "dtype": "fp16", "config": {"vocab_size": 4096, "hidden_size": 256,
+            "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4}}
     peaks = []
     for every_step in (True, False):
         llm = build_llm(spec, None, False)
         with FakeSession() as session:
             session.materialize(llm)
             with torch.no_grad():
-                embeds = torch.empty(2, 10, 64, dtype=torch.float16)
+                embeds = torch.empty(2, 10, 256, dtype=torch.float16)
                 greedy_generate(llm, embeds, torch.ones(2, 10, dtype=torch.long), 20, every_step=every_step)
             peaks.append(session.tracker.peak_total)
-    assert peaks[1] == pytest.approx(peaks[0], rel=0.02)
+    every_step, shortcut = peaks
+    assert every_step <= shortcut <= every_step * 1.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", WORKLOADS, ids=[p.stem for p in WORKLOADS])
 def test_validation_workloads_within_15_percent_of_h100_measurements(path):
     spec = load_workload(path)
@@ -173,6 +177,7 @@ def test_four_validation_workloads_exist():
     assert len(WORKLOADS) == 4
 
 
+@pytest.mark.slow
 def test_a_full_size_stage_fits_24_gb():
     cfg = load_config(ROOT / "train_configs" / "stage3.yaml", validate=False)
     estimates = estimate_config(cfg, "stage3")
