@@ -48,7 +48,7 @@ class TinyGPTV(lmms):
         self.model = model if model is not None else _load(pretrained, config, precision, device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.transform = image_transform(int(image_size) if image_size else model_image_size(self.model))
+        self.transform = image_transform(int(image_size) if image_size else model_image_size(self.model), self.model)
 
     @property
     def rank(self) -> int:

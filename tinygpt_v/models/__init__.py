@@ -7,7 +7,7 @@ from typing import Annotated
 from ..config import register_section, to_plain
 from ..registry import (CONNECTORS, LLMS, QFORMERS, TOKENIZERS, VISION_ENCODERS, ConfigError, Part,
                         PathOrHubId, Section, check_kwargs)
-from .llm import apply_lora, lora_settings
+from .llm import apply_lora, family_lora_settings, lora_settings
 from .parameters import GROUPS, check_trainable, set_trainable, trainable_table
 from .tinygpt_v import IMAGE_MARKER, TinyGPTV
 
@@ -51,7 +51,7 @@ def build_model(model_cfg, verbose: bool = True) -> TinyGPTV:
         if cfg.get("qformer") else None
     llm = LLMS.build(cfg["llm"], "model.llm")
     if cfg.get("lora"):
-        llm = apply_lora(llm, **lora_settings(**cfg["lora"]))
+        llm = apply_lora(llm, **family_lora_settings(cfg["lora"], llm.config.model_type))
     text_tokenizer = TOKENIZERS.build(cfg["tokenizer"], "model.tokenizer")
     _check_vocab(text_tokenizer, llm)
     in_width = q_former.num_features if q_former is not None else vision_encoder.num_features

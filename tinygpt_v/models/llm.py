@@ -20,6 +20,9 @@ LoRA comes in two parametrisations (`model.lora.fused_qkv`):
 """
 from __future__ import annotations
 
+import functools
+import sys
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -73,24 +76,179 @@ class PhiDecoderLayerWithPostNorm(PhiDecoderLayer):
         return attn_outputs + feed_forward + residual
 
 
-# model_type -> decoder-layer class carrying the post-attention norm. Supporting another LLM
-# family is one subclass plus one entry here.
+# --- LLM families ----------------------------------------------------------------------------
+# TinyGPT-V's two norms on the Llama-style families. Their decoder layers share one pre-norm
+# shape (h = x + attn(norm(x)); out = h + mlp(norm(h))) and their attentions one shape (project
+# q/k/v, view per head, rotary, attention interface, o_proj), so one mixin each covers them,
+# combined with the family's own classes at run time; the rotary and eager-attention functions
+# are taken from the family's own modeling module.
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and returned in the input's dtype (see RMSNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give `new` (built on the meta device) `old`'s submodules as they are (pretrained, quantised)."""
+    for name, child in old.named_children():
+        setattr(new, name, child)
+    return new.train(old.training)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(p.device for p in module.parameters())
+
+
+class QKNormAttention:
+    """Mixin for a Llama-style attention: TinyGPT-V's QK LayerNorm, a LayerNorm over each head's
+    query and key (`q_layernorm`, `k_layernorm`: Phi's names), after the projection and before
+    the rotary embedding, as Phi's `qk_layernorm` does. q/k/v come from separate q_proj, k_proj,
+    v_proj, or from one `qkv_proj` (Phi-3) split as the family splits it."""
+
+    @classmethod
+    def from_attention(cls, attention: nn.Module, eps: float) -> nn.Module:
+        with torch.device("meta"):
+            new = cls(attention.config, attention.layer_idx)
+        _adopt(new, attention)
+        heads = {"q_layernorm": new.config.num_attention_heads, "k_layernorm": new.config.num_key_value_heads}
+        for name in heads:
+            setattr(new, name, LayerNorm(new.head_dim, eps=eps, device=_device_of(attention), dtype=torch.float32))
+        return new
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "qkv_proj"):
+            return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q_width = self.config.num_attention_heads * self.head_dim
+        kv_width = self.config.num_key_value_heads * self.head_dim
+        return self.qkv_proj(hidden_states).split([q_width, kv_width, kv_width], dim=-1)
+
+    def _attention_kwargs(self) -> dict:
+        """What the family passes to its attention interface beyond the common arguments."""
+        window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        extra = {"sliding_window": window}
+        if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2
+            extra["softcap"] = self.attn_logit_softcapping
+        return extra
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        family = sys.modules[type(self).__mro__[2].__module__]  # [0] this class, [1] the mixin, [2] the family's
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = (t.view(hidden_shape) for t in self._project(hidden_states))
+        query = self.q_layernorm(query).transpose(1, 2)
+        key = self.k_layernorm(key).transpose(1, 2)
+        value = value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                    family.eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, **self._attention_kwargs(), **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class PostNormDecoderLayer:
+    """Mixin for a Llama-style pre-norm decoder layer: TinyGPT-V's RMSNorm on the attention
+    output before the residual add (`post_layernorm`, the original's name). Phi-3's residual
+    dropouts are kept where the family has them."""
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, config, eps: float) -> nn.Module:
+        with torch.device("meta"):
+            new = cls(config, layer.self_attn.layer_idx)
+        _adopt(new, layer)
+        new.post_layernorm = RMSNorm(config.hidden_size, eps=eps, device=_device_of(layer), dtype=torch.float32)
+        return new
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        residual = hidden_states
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+            position_embeddings=position_embeddings, **kwargs)
+        hidden_states = residual + _dropout(self, "resid_attn_dropout", self.post_layernorm(attn_output))
+        residual = hidden_states
+        feed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + _dropout(self, "resid_mlp_dropout", feed_forward)
+
+
+def _dropout(layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    return getattr(layer, name)(x) if hasattr(layer, name) else x
+
+
+@functools.cache
+def _with_mixin(mixin: type, family_cls: type) -> type:
+    """`family_cls` with `mixin`'s forward, e.g. LlamaAttention -> LlamaAttentionWithQKNorm."""
+    suffix = "WithQKNorm" if mixin is QKNormAttention else "WithPostNorm"
+    return type(family_cls.__name__ + suffix, (mixin, family_cls), {"__module__": __name__})
+
+
+@dataclass(frozen=True)
+class LLMFamily:
+    """How TinyGPT-V's additions fit one transformers model_type.
+
+    qk_norm: "config:<switch>" (the family has it behind a config switch), "builtin" (always
+    there, e.g. Qwen3's q_norm/k_norm: nothing is added), or "module" (QKNormAttention).
+    post_attn_norm: a decoder-layer class with a `from_layer`, "builtin" (the family already
+    norms the attention output, e.g. Gemma 2's post_attention_layernorm), or "module"
+    (PostNormDecoderLayer). lora_targets: the default `model.lora.target_modules` (Phi's with
+    its fused q/k/v adapter; `model.lora.fused_qkv` exists for Phi only, FUSED_QKV_ATTENTIONS)."""
+    qk_norm: str
+    post_attn_norm: str | type
+    lora_targets: tuple[str, ...]
+
+
+LLAMA_STYLE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+# model_type -> family. Supporting another Llama-style family is one entry here (and one YAML).
+FAMILIES: dict[str, LLMFamily] = {
+    "phi": LLMFamily("config:qk_layernorm", PhiDecoderLayerWithPostNorm, ("query_key_value", "dense")),
+    "llama": LLMFamily("module", "module", LLAMA_STYLE_LORA),      # Llama 2/3.x, SmolLM2, TinyLlama
+    "mistral": LLMFamily("module", "module", LLAMA_STYLE_LORA),
+    "qwen2": LLMFamily("module", "module", LLAMA_STYLE_LORA),      # Qwen2 / Qwen2.5
+    "qwen3": LLMFamily("builtin", "module", LLAMA_STYLE_LORA),     # q_norm/k_norm (RMSNorm) built in
+    "gemma": LLMFamily("module", "module", LLAMA_STYLE_LORA),
+    "gemma2": LLMFamily("module", "builtin", LLAMA_STYLE_LORA),    # post_attention_layernorm built in
+    "phi3": LLMFamily("module", "module", ("qkv_proj", "o_proj")),  # Phi-3 / Phi-3.5 / Phi-4-mini
+}
+
+
+def family_of(model_type: str, key: str = "model.llm.model_type") -> LLMFamily:
+    if model_type not in FAMILIES:
+        raise ConfigError(key, f"model_type '{model_type}' has no TinyGPT-V family entry "
+                               f"(tinygpt_v.models.llm.FAMILIES); supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+# Kept for callers of the Phi-only tables (model_type -> post-norm layer class / QK config switch).
 POST_ATTN_NORM_LAYERS: dict[str, type] = {"phi": PhiDecoderLayerWithPostNorm}
-# model_type -> name of its config switch for per-head QK LayerNorm.
 QK_LAYERNORM_SWITCHES: dict[str, str] = {"phi": "qk_layernorm"}
 
 
 @LLMS.register("hf_causal_lm")
 def hf_causal_lm(pretrained: PathOrHubId | None = None, model_type: str = "phi",
                  config: dict | None = None, qk_layernorm: bool = False, post_attn_norm: bool = False,
-                 post_attn_norm_eps: float = 1e-6, dtype: Precision = "fp32",
+                 post_attn_norm_eps: float = 1e-6, qk_layernorm_eps: float = 1e-5, dtype: Precision = "fp32",
                  attn_implementation: str = "sdpa", quantization: Literal["int8", "nf4"] | None = None,
                  gradient_checkpointing: bool = False) -> PreTrainedModel:
     """A causal LM from a local folder / hub id (`pretrained`), or randomly initialised from
-    `model_type` + `config` overrides when `pretrained` is null."""
+    `model_type` + `config` overrides when `pretrained` is null. `qk_layernorm` and
+    `post_attn_norm` add TinyGPT-V's norms as the family allows (FAMILIES); `qk_layernorm_eps`
+    is the eps of an added QK LayerNorm (a config-switch family uses its config's)."""
     overrides = dict(config or {})
     if qk_layernorm:
-        overrides[_qk_switch(model_type)] = True
+        switch = _qk_switch(model_type)
+        if switch:
+            overrides[switch] = True
     if pretrained is None:
         if quantization:
             raise ConfigError("model.llm.quantization", "needs `pretrained` weights to quantise")
@@ -99,6 +257,11 @@ def hf_causal_lm(pretrained: PathOrHubId | None = None, model_type: str = "phi",
         llm = AutoModelForCausalLM.from_config(llm_config, dtype=DTYPES[dtype])
     else:
         llm = _load_pretrained(pretrained, overrides, dtype, attn_implementation, quantization)
+        if llm.config.model_type != model_type and (qk_layernorm or post_attn_norm):
+            raise ConfigError("model.llm.model_type", f"is '{model_type}' but {pretrained} holds a "
+                                                      f"'{llm.config.model_type}' model")
+    if qk_layernorm and not _qk_switch(llm.config.model_type):
+        add_qk_layernorm(llm, qk_layernorm_eps)
     if post_attn_norm:
         add_post_attn_norm(llm, post_attn_norm_eps)
     if gradient_checkpointing:
@@ -106,11 +269,10 @@ def hf_causal_lm(pretrained: PathOrHubId | None = None, model_type: str = "phi",
     return llm
 
 
-def _qk_switch(model_type: str) -> str:
-    if model_type not in QK_LAYERNORM_SWITCHES:
-        raise ConfigError("model.llm.qk_layernorm", f"not available for model_type '{model_type}'; "
-                          f"supported: {sorted(QK_LAYERNORM_SWITCHES)}")
-    return QK_LAYERNORM_SWITCHES[model_type]
+def _qk_switch(model_type: str) -> str | None:
+    """The family's config switch for QK norm, or None when it is built in or added as modules."""
+    strategy = family_of(model_type, "model.llm.qk_layernorm").qk_norm
+    return strategy.split(":", 1)[1] if strategy.startswith("config:") else None
 
 
 def _load_pretrained(source: str, overrides: dict, dtype: str, attn_implementation: str,
@@ -128,14 +290,31 @@ def _load_pretrained(source: str, overrides: dict, dtype: str, attn_implementati
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
+def add_qk_layernorm(llm: PreTrainedModel, eps: float) -> None:
+    """Give every attention its QK LayerNorm modules (QKNormAttention), in place. A family with
+    QK norm built in (Qwen3) gets no second one; one with a config switch (Phi) uses that."""
+    strategy = family_of(llm.config.model_type, "model.llm.qk_layernorm").qk_norm
+    if strategy == "builtin":
+        return
+    if strategy != "module":
+        raise ConfigError("model.llm.qk_layernorm", f"'{llm.config.model_type}' has QK LayerNorm behind its config "
+                                                    f"switch ({strategy}); set it when building")
+    for layer in llm.get_decoder().layers:
+        if not isinstance(layer.self_attn, QKNormAttention):
+            layer.self_attn = _with_mixin(QKNormAttention, type(layer.self_attn)).from_attention(layer.self_attn, eps)
+
+
 def add_post_attn_norm(llm: PreTrainedModel, eps: float) -> None:
-    """Replace every decoder layer with its post-attention-norm subclass, in place."""
-    layer_cls = POST_ATTN_NORM_LAYERS.get(llm.config.model_type)
-    if layer_cls is None:
-        raise ConfigError("model.llm.post_attn_norm", f"not available for model_type "
-                          f"'{llm.config.model_type}'; supported: {sorted(POST_ATTN_NORM_LAYERS)}")
+    """Replace every decoder layer with its post-attention-norm subclass, in place (nothing to
+    do for a family that has one built in)."""
+    strategy = family_of(llm.config.model_type, "model.llm.post_attn_norm").post_attn_norm
+    if strategy == "builtin":
+        return
     layers = llm.get_decoder().layers
     for i, layer in enumerate(layers):
+        if hasattr(layer, "post_layernorm"):
+            continue
+        layer_cls = _with_mixin(PostNormDecoderLayer, type(layer)) if strategy == "module" else strategy
         layers[i] = layer_cls.from_layer(layer, llm.config, eps)
 
 
@@ -307,3 +486,20 @@ def lora_settings(r: PositiveInt = 64, alpha: PositiveFloat = 16, dropout: Fract
         raise ConfigError("model.lora.target_modules", f"'{FUSED_QKV_TARGET}' exists only with fused_qkv: true")
     return {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules),
             "fused_qkv": fused_qkv}
+
+
+def family_lora_settings(section: dict, model_type: str) -> dict:
+    """`lora_settings` for an LLM of `model_type`: Phi keeps its own defaults (the original's
+    fused adapter); another family defaults to per-projection adapters on its own projection
+    names (FAMILIES[...].lora_targets) and refuses `fused_qkv: true`."""
+    section = dict(section)
+    if model_type in FUSED_QKV_ATTENTIONS or model_type not in FAMILIES:
+        return lora_settings(**section)
+    if section.get("fused_qkv"):
+        raise ConfigError("model.lora.fused_qkv", f"a fused q/k/v adapter exists only for model_type "
+                                                  f"{sorted(FUSED_QKV_ATTENTIONS)}, not '{model_type}'; "
+                                                  f"set fused_qkv: false (or leave it out)")
+    section["fused_qkv"] = False
+    if section.get("target_modules") is None:
+        section["target_modules"] = list(FAMILIES[model_type].lora_targets)
+    return lora_settings(**section)

@@ -219,7 +219,10 @@ class TinyGPTV(nn.Module):
             return 0
         if self.qformer is not None:
             return self.qformer.query_tokens.shape[1]
-        return self.vision(images[:1].to(self.vision_device)).shape[1]
+        num_tokens = self.vision(images[:1].to(self.vision_device)).shape[1]
+        # a connector may merge tokens (pixel_shuffle): the LLM sees its output count
+        return self.connector.num_output_tokens(num_tokens) if hasattr(self.connector, "num_output_tokens") \
+            else num_tokens
 
     def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True, apply_template=True):
         self.check_markers(prompts, images is not None)

@@ -8,6 +8,10 @@ Linear and Conv layers only to fp16 (LAVIS `convert_weights_to_fp16`: that is ne
 memory), and the forward runs under autocast. LayerNorms, the position embedding, the class
 token and EVA's q/v biases stay fp32, and so does the residual stream (fp16 matmul outputs are
 added to an fp32 stream), where casting the whole tower would carry it in fp16 through 39 blocks.
+
+Each encoder says how its pixels are normalised (`mean`, `std`: EVA/BLIP-2 and OpenAI CLIP use
+CLIP's, SigLIP / SigLIP 2 use 0.5): the evaluation and inference image processors take them
+unless a config sets its own (tinygpt_v.data.processors.encoder_normalization).
 """
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ import timm
 import torch
 from torch import nn
 
-from ..registry import VISION_ENCODERS, PathOrHubId
+from ..registry import VISION_ENCODERS, ConfigError, PathOrHubId
 
 Precision = Literal["fp32", "fp16", "bf16"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# BLIP-2 / EVA-CLIP / OpenAI CLIP pixel normalisation (LAVIS' constants).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The layers whose weights a reduced precision converts (LAVIS convert_weights_to_fp16).
 LOW_PRECISION_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -37,11 +44,16 @@ def convert_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 class TimmVisionEncoder(nn.Module):
     """Wraps a timm model so every encoder answers `forward(pixels) -> tokens` the same way."""
 
-    def __init__(self, model: nn.Module, precision: Precision):
+    def __init__(self, model: nn.Module, precision: Precision, keep_cls: bool = True,
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
         super().__init__()
         self.model = model
         self.num_features = model.num_features
         self.image_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else None
+        # class / register tokens before the patch tokens (timm's num_prefix_tokens); dropped
+        # from the output unless keep_cls
+        self.num_dropped_tokens = 0 if keep_cls else getattr(model, "num_prefix_tokens", 0)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.set_precision(precision)
 
     def set_precision(self, precision: Precision | torch.dtype) -> "TimmVisionEncoder":
@@ -62,9 +74,11 @@ class TimmVisionEncoder(nn.Module):
         if self.compute_dtype == torch.float32 or device.type == "meta":
             # no autocast (the meta device, shapes only, has none): pixels go in at the dtype of the
             # first matmul layer, which is also right for a tower cast as a whole with .to(dtype)
-            return self.model.forward_features(pixels.to(device=device, dtype=self._first_matmul_dtype()))
-        with torch.autocast(device.type, dtype=self.compute_dtype):
-            return self.model.forward_features(pixels.to(device=device, dtype=torch.float32))
+            tokens = self.model.forward_features(pixels.to(device=device, dtype=self._first_matmul_dtype()))
+        else:
+            with torch.autocast(device.type, dtype=self.compute_dtype):
+                tokens = self.model.forward_features(pixels.to(device=device, dtype=torch.float32))
+        return tokens[:, self.num_dropped_tokens:]
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.model.set_grad_checkpointing(enabled)
@@ -97,14 +111,39 @@ def eva_vit_g(image_size: int = 224, width: int = 1408, depth: int = 39, heads: 
 @VISION_ENCODERS.register("timm")
 def timm_model(model_name: str, image_size: int = 224, precision: Precision = "fp32",
                pretrained: bool = False, checkpoint_path: PathOrHubId | None = None,
-               grad_checkpointing: bool = False, **timm_kwargs) -> TimmVisionEncoder:
-    """Any timm model by name; its `forward_features` tokens feed the Q-Former.
+               grad_checkpointing: bool = False, feature_layer: int | None = None, keep_cls: bool = True,
+               mean: list[float] | None = None, std: list[float] | None = None,
+               **timm_kwargs) -> TimmVisionEncoder:
+    """Any timm model by name (SigLIP / SigLIP 2: `vit_base_patch16_siglip_224.v2_webli`, CLIP:
+    `vit_base_patch16_clip_224.openai`, ...); its tokens feed the Q-Former or the connector.
 
-    `pretrained: true` lets timm fetch its own weights (online only); `checkpoint_path` loads
-    a local file instead. Extra keys are passed to `timm.create_model`.
-    """
-    model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, global_pool="",
-                              img_size=image_size, checkpoint_path=checkpoint_path or "", **timm_kwargs)
-    encoder = TimmVisionEncoder(model, precision)
+    `pretrained: true` lets timm fetch its own weights (its hub id is the model name's, e.g.
+    timm/vit_base_patch16_siglip_224.v2_webli); `checkpoint_path` loads a local file instead.
+    `feature_layer`: null takes `forward_features` (all blocks and the final norm); an index
+    takes that block's output, no final norm, as LLaVA's `mm_vision_select_layer` (-2: the
+    penultimate block); the later blocks are removed. `keep_cls: false` drops the class (and
+    register) tokens, keeping the patch grid. `mean` / `std` default to the model's own
+    (timm's pretrained config). Extra keys go to `timm.create_model` (e.g. embed_dim, depth,
+    num_heads for a small random twin)."""
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, global_pool="",
+                                  img_size=image_size, checkpoint_path=checkpoint_path or "", **timm_kwargs)
+    except RuntimeError as e:  # timm's "Unknown model (...)"
+        raise ConfigError("model.vision.model_name", str(e)) from None
+    if feature_layer is not None:
+        _keep_blocks_up_to(model, feature_layer)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    encoder = TimmVisionEncoder(model, precision, keep_cls=keep_cls, mean=mean or cfg.get("mean", CLIP_MEAN),
+                                std=std or cfg.get("std", CLIP_STD))
     encoder.set_grad_checkpointing(grad_checkpointing)
     return encoder
+
+
+def _keep_blocks_up_to(model: nn.Module, feature_layer: int) -> None:
+    """Remove the blocks after `feature_layer` and the final norm (timm's own pruning)."""
+    depth = len(getattr(model, "blocks", ()))
+    if not hasattr(model, "prune_intermediate_layers") or not depth:
+        raise ConfigError("model.vision.feature_layer", f"{type(model).__name__} has no block list to choose from")
+    if not -depth <= feature_layer < depth:
+        raise ConfigError("model.vision.feature_layer", f"{feature_layer} is out of range for {depth} blocks")
+    model.prune_intermediate_layers([feature_layer % depth], prune_norm=True, prune_head=True)
