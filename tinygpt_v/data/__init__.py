@@ -7,7 +7,7 @@ Used by the trainer:   build_train_loader(cfg.datasets, seed=..., rank=..., worl
 Used by evaluation:    build_processor({"name": "blip2_image_eval", "image_size": 448}), load_image
 Used by tests/demo:    make_toy_world(out_dir, seed)
 """
-from . import caption, grounding, instruct, pairs, processors, vqa  # noqa: F401  (registration)
+from . import caption, custom, grounding, instruct, pairs, processors, vqa  # noqa: F401  (registration)
 from .base import IMAGE_PLACEHOLDER, MapDataset, SkipSample, StreamDataset, format_box
 from .images import load_image, to_rgb
 from .mixing import MixedLoader, build_dataset, build_train_loader, check_datasets_section, collate

@@ -76,6 +76,8 @@ def check_built_datasets(model: Mapping, datasets: Mapping) -> None:
     for name, dataset in datasets.items():
         size = getattr(getattr(dataset, "vis_processor", None), "image_size", None)
         check_image_size(model, size, f"datasets.{name}.vis_processor.image_size")
+    from ..data.custom import preflight  # your own data (llava_json / qa_jsonl): images, lengths, mostly bad?
+    preflight(datasets, model=model)
 
 
 def _processor_image_size(processor: Mapping) -> int | None:

@@ -1,2 +1,2 @@
 """One module per benchmark family; importing this package registers them all in BENCHMARKS."""
-from . import gqa, hateful_memes, iconqa, lavis_vqa, refcoco, vizwiz, vqa, vsr  # noqa: F401
+from . import custom, gqa, hateful_memes, iconqa, lavis_vqa, refcoco, vizwiz, vqa, vsr  # noqa: F401
