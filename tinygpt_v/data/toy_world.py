@@ -413,3 +413,40 @@ def _write_heldout(w: ToyWriter, train: list[Scene], heldout: list[Scene]) -> di
             "chance_note": "chance_accuracy: answers are uniform over the colours and independent of the shape; "
                            "blind_baseline_accuracy: always answering the most common train colour of the "
                            "named shape, measured on these held-out questions"}
+
+
+# --- fine-tuning data in the custom formats (tinygpt_v/data/custom.py) ---------------------------------
+# A question no demo stage trains on: the corners of the shape of a named colour. It needs the
+# picture (which shape has that colour) and answers with words the demo never gave ("none").
+
+CORNERS = {"circle": "none", "square": "four", "triangle": "three"}
+
+
+def corners_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    s = rng.choice(scene.shapes)
+    return f"how many corners does the {s.colour} shape have?", CORNERS[s.shape]
+
+
+def export_custom_formats(out_dir: str, seed: int = 1, n_images: int = 400, image_size: int = 112) -> dict:
+    """The toy world as a user's fine-tuning data: `images/`, `qa.jsonl` (one corners question per
+    image) and `llava.json` (the same question, then the background colour, as a conversation),
+    with the same ids, so both split alike. Returns (and writes as README.json) its metadata."""
+    w = ToyWriter(out_dir, seed, image_size)
+    scenes = [random_scene(500000 + i, w.rng, image_size) for i in range(n_images)]
+    qa, llava = [], []
+    for scene in scenes:
+        name = f"{scene.image_id}.jpg"
+        w.image(scene, "images", name)
+        question, answer = corners_question(scene, w.rng)
+        qa.append({"id": str(scene.image_id), "image": name, "question": question, "answer": answer})
+        record = _llava_record(scene, [(question, answer), ("what colour is the background?", scene.background)])
+        llava.append(dict(record, id=str(scene.image_id), image=name))
+    with open(w.path("qa.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in qa)
+    w.json(llava, "llava.json")
+    most_common = Counter(r["answer"] for r in qa).most_common(1)[0][1]
+    meta = {"seed": seed, "image_size": image_size, "images": n_images, "question": "how many corners does the "
+            "<colour> shape have? (none / three / four)", "chance_accuracy": round(1 / len(CORNERS), 4),
+            "majority_answer_accuracy": round(most_common / len(qa), 4)}
+    w.json(meta, "README.json")
+    return meta
