@@ -90,14 +90,6 @@ def random_resized_crop_box(image_size: tuple[int, int], scale: tuple[float, flo
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def encoder_normalization(vision, mean: Sequence[float] | None = None,
-                          std: Sequence[float] | None = None) -> dict[str, list[float]]:
-    """`mean` / `std` for an image processor: the ones given, else the vision encoder's own
-    (a built encoder's `mean` / `std` attributes, e.g. SigLIP's 0.5), else CLIP's."""
-    return {"mean": list(mean or getattr(vision, "mean", None) or CLIP_MEAN),
-            "std": list(std or getattr(vision, "std", None) or CLIP_STD)}
-
-
 @PROCESSORS.register("blip2_image_eval")
 def blip2_image_eval(image_size: int = 224, mean: list[float] = CLIP_MEAN, std: list[float] = CLIP_STD) -> ImageProcessor:
     return ImageProcessor(image_size, mean, std)

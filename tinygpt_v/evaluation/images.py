@@ -15,7 +15,7 @@ from PIL import Image
 from ..data.base import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.images import SkipSample
 from ..data.images import load_image as read_image
-from ..data.processors import build_processor, encoder_normalization
+from ..data.processors import build_processor
 from .benchmark import BenchmarkDataError
 
 
@@ -24,12 +24,8 @@ class BadImageError(BenchmarkDataError):
     (eval.py prints it as one line)."""
 
 
-def image_transform(image_size: int, model=None) -> Callable[[Image.Image], torch.Tensor]:
-    """`blip2_image_eval` at `image_size`, normalised as `model`'s vision encoder expects (its
-    `mean` / `std`; CLIP's without a model)."""
-    normalization = encoder_normalization(getattr(model, "vision", None))
-    return build_processor({"name": "blip2_image_eval", "image_size": image_size, **normalization},
-                           "evaluation.image_size")
+def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    return build_processor({"name": "blip2_image_eval", "image_size": image_size}, "evaluation.image_size")
 
 
 def load_image(path: str, transform: Callable[[Image.Image], torch.Tensor],

@@ -8,6 +8,15 @@ lmms-eval finds the model through the `lmms_eval.models` entry point, which name
 `pretrained` is what `evaluation.checkpoint` accepts; `config`, a YAML with the `model:` section,
 is needed unless `pretrained` is an exported folder (which carries its own config). lmms-eval is
 an optional dependency: only lmms-eval imports this module, never `tinygpt_v.evaluation` itself.
+
+Importing this module imports nothing of lmms-eval: lmms-eval's model registry loads the entry
+points while it is itself being imported, so a top-level `from lmms_eval...` here, run first,
+would start that registry half-built and lmms-eval would then report "Model 'tinygpt_v' not found".
+The class is made on first access (`TinyGPTV`, a module attribute, PEP 562).
+
+`model_args` other than those of `TinyGPTV.__init__` are refused with a message naming them.
+Known limitation upstream: lmms-eval 0.7.3's own multiple-choice (loglikelihood) path is
+broken; run multiple-choice benchmarks through `eval.py` (which ranks the options itself).
 """
 from __future__ import annotations
 
@@ -15,8 +24,6 @@ import json
 import warnings
 
 import torch
-from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from .benchmark import IMAGE_PROMPT, IMAGE_SLOT
@@ -26,29 +33,53 @@ from .runner import device_of, process_state
 
 MODEL_ID = "tinygpt_v"
 LMMS_IMAGE_TOKEN = "<image>"
+MODEL_ARGS = ("pretrained", "config", "batch_size", "max_new_tokens", "image_size", "precision", "device")
+# lmms-eval passes these to every model itself (from its own command line): accepted, not used
+LMMS_PASSED = ("max_batch_size",)
 
 
-def manifest() -> ModelManifest:
+def manifest():
     """The entry point's payload: where lmms-eval finds the class."""
+    from lmms_eval.models.registry_v2 import ModelManifest
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.TinyGPTV")
 
 
-class TinyGPTV(lmms):
+def check_model_args(given) -> None:
+    """Refuse model_args this model does not take (a typo would otherwise do nothing)."""
+    unknown = sorted(set(given) - set(LMMS_PASSED))
+    if unknown:
+        raise ValueError(f"tinygpt_v: unknown model_args {', '.join(unknown)}; accepted: {', '.join(MODEL_ARGS)}")
+
+
+def __getattr__(name: str):
+    if name == "TinyGPTV":
+        cls = _model_class()
+        globals()["TinyGPTV"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _model_class():
+    from lmms_eval.api.model import lmms
+    return type("TinyGPTV", (_TinyGPTVMethods, lmms), {"__module__": __name__, "__qualname__": "TinyGPTV"})
+
+
+class _TinyGPTVMethods:
+    """The lmms-eval model; subclassed with lmms-eval's `lmms` base on first access of `TinyGPTV`."""
     is_simple = True
 
     def __init__(self, pretrained: str | None = None, config: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int = 20, image_size: int | None = None, precision: str = "auto",
                  device: str | None = None, model=None, **unused) -> None:
+        check_model_args(unused)
         super().__init__()
-        if unused:
-            warnings.warn(f"tinygpt_v ignores model_args {sorted(unused)}")
         state = process_state()
         self._rank, self._world_size = state.process_index, state.num_processes
         device = torch.device(device) if device and state.num_processes == 1 else state.device
         self.model = model if model is not None else _load(pretrained, config, precision, device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.transform = image_transform(int(image_size) if image_size else model_image_size(self.model), self.model)
+        self.transform = image_transform(int(image_size) if image_size else model_image_size(self.model))
 
     @property
     def rank(self) -> int:

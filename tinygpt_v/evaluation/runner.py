@@ -61,7 +61,7 @@ def evaluate(model, benchmarks: dict[str, Benchmark], settings: EvalSettings, mo
     image_size = settings.image_size or model_image_size(model)
     if image_size is None:
         raise ValueError("set evaluation.image_size: the model does not say which image size it expects")
-    transform = image_transform(image_size, model)  # the encoder's mean / std
+    transform = image_transform(image_size)
     scores = {}
     for name, benchmark in benchmarks.items():
         generation = Generation(benchmark.batch_size or settings.batch_size,

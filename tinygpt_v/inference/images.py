@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..data.base import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.images import SkipSample, load_image
-from ..data.processors import build_processor, encoder_normalization
+from ..data.processors import build_processor
 
 
 class ImageError(ValueError):
@@ -22,12 +22,11 @@ class ImageError(ValueError):
 
 
 def image_processor(model, image_size: int | None = None):
-    """The evaluation processor (`blip2_image_eval`) at the vision encoder's size, normalised
-    with the encoder's mean / std (CLIP's for EVA, 0.5 for SigLIP)."""
+    """The evaluation processor (`blip2_image_eval`) at the vision encoder's size."""
     size = image_size or getattr(model.vision, "image_size", None)
     if size is None:
         raise ValueError("the vision encoder does not say its image size: set inference.image_size")
-    return build_processor({"name": "blip2_image_eval", "image_size": size, **encoder_normalization(model.vision)})
+    return build_processor({"name": "blip2_image_eval", "image_size": size})
 
 
 def to_pixels(image, processor, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:

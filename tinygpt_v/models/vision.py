@@ -9,9 +9,13 @@ memory), and the forward runs under autocast. LayerNorms, the position embedding
 token and EVA's q/v biases stay fp32, and so does the residual stream (fp16 matmul outputs are
 added to an fp32 stream), where casting the whole tower would carry it in fp16 through 39 blocks.
 
-Each encoder says how its pixels are normalised (`mean`, `std`: EVA/BLIP-2 and OpenAI CLIP use
-CLIP's, SigLIP / SigLIP 2 use 0.5): the evaluation and inference image processors take them
-unless a config sets its own (tinygpt_v.data.processors.encoder_normalization).
+Pixel normalisation: every image processor of the project (training data, evaluation,
+inference, the toy evaluation) normalises with CLIP's mean / std, BLIP-2's. An encoder trained
+with other statistics (SigLIP / SigLIP 2: 0.5, 0.5) says so with its `mean` / `std` (timm's
+pretrained config by default) and converts the incoming pixels to them first, an exact
+per-channel affine map. So the encoder chooses its normalisation in one place, and training and
+evaluation can never disagree about it. `input_mean` / `input_std` name the processors'
+statistics if a config changes them.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class TimmVisionEncoder(nn.Module):
     """Wraps a timm model so every encoder answers `forward(pixels) -> tokens` the same way."""
 
     def __init__(self, model: nn.Module, precision: Precision, keep_cls: bool = True,
-                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+                 input_mean: tuple[float, ...] = CLIP_MEAN, input_std: tuple[float, ...] = CLIP_STD):
         super().__init__()
         self.model = model
         self.num_features = model.num_features
@@ -54,7 +59,17 @@ class TimmVisionEncoder(nn.Module):
         # from the output unless keep_cls
         self.num_dropped_tokens = 0 if keep_cls else getattr(model, "num_prefix_tokens", 0)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
         self.set_precision(precision)
+
+    def renormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels normalised with (input_mean, input_std) -> normalised with the encoder's own."""
+        if (self.mean, self.std) == (self.input_mean, self.input_std):
+            return pixels
+        def per_channel(values):
+            return torch.tensor(values, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+        raw = pixels.float() * per_channel(self.input_std) + per_channel(self.input_mean)
+        return (raw - per_channel(self.mean)) / per_channel(self.std)
 
     def set_precision(self, precision: Precision | torch.dtype) -> "TimmVisionEncoder":
         """fp32: everything fp32. fp16 / bf16: Linear and Conv weights in that dtype, the rest fp32,
@@ -71,6 +86,7 @@ class TimmVisionEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         device = next(self.parameters()).device
+        pixels = self.renormalize(pixels.to(device))
         if self.compute_dtype == torch.float32 or device.type == "meta":
             # no autocast (the meta device, shapes only, has none): pixels go in at the dtype of the
             # first matmul layer, which is also right for a tower cast as a whole with .to(dtype)
@@ -113,6 +129,7 @@ def timm_model(model_name: str, image_size: int = 224, precision: Precision = "f
                pretrained: bool = False, checkpoint_path: PathOrHubId | None = None,
                grad_checkpointing: bool = False, feature_layer: int | None = None, keep_cls: bool = True,
                mean: list[float] | None = None, std: list[float] | None = None,
+               input_mean: list[float] = CLIP_MEAN, input_std: list[float] = CLIP_STD,
                **timm_kwargs) -> TimmVisionEncoder:
     """Any timm model by name (SigLIP / SigLIP 2: `vit_base_patch16_siglip_224.v2_webli`, CLIP:
     `vit_base_patch16_clip_224.openai`, ...); its tokens feed the Q-Former or the connector.
@@ -122,9 +139,10 @@ def timm_model(model_name: str, image_size: int = 224, precision: Precision = "f
     `feature_layer`: null takes `forward_features` (all blocks and the final norm); an index
     takes that block's output, no final norm, as LLaVA's `mm_vision_select_layer` (-2: the
     penultimate block); the later blocks are removed. `keep_cls: false` drops the class (and
-    register) tokens, keeping the patch grid. `mean` / `std` default to the model's own
-    (timm's pretrained config). Extra keys go to `timm.create_model` (e.g. embed_dim, depth,
-    num_heads for a small random twin)."""
+    register) tokens, keeping the patch grid. `mean` / `std`: the statistics the encoder was
+    trained with, by default timm's pretrained config of the model (see the module docstring).
+    Extra keys go to `timm.create_model` (e.g. embed_dim, depth, num_heads for a small random
+    twin)."""
     try:
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, global_pool="",
                                   img_size=image_size, checkpoint_path=checkpoint_path or "", **timm_kwargs)
@@ -134,7 +152,7 @@ def timm_model(model_name: str, image_size: int = 224, precision: Precision = "f
         _keep_blocks_up_to(model, feature_layer)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     encoder = TimmVisionEncoder(model, precision, keep_cls=keep_cls, mean=mean or cfg.get("mean", CLIP_MEAN),
-                                std=std or cfg.get("std", CLIP_STD))
+                                std=std or cfg.get("std", CLIP_STD), input_mean=input_mean, input_std=input_std)
     encoder.set_grad_checkpointing(grad_checkpointing)
     return encoder
 
