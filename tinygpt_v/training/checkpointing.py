@@ -9,7 +9,12 @@ A checkpoint is a folder `<output_dir>/checkpoint_{step}/` (or `checkpoint_final
     resume_state/         what an exact resume needs besides the weights:
                           optimizer / scaler / RNG states written by `accelerator.save_state`
                           (so DDP, FSDP and DeepSpeed each save theirs their own way), and
-                          `data_rank{r}.pt`, each process's data-loader position
+                          `data_rank{r}.pt`, each process's data-loader position; under FSDP2
+                          (distributed.py) `optimizer.bin` is the whole optimiser state keyed
+                          by parameter name, gathered from the shards and written by rank 0
+
+Shared files (model.safetensors, meta.json, optimizer.bin) are written by the main process
+alone; each process writes only the files named after its rank.
 
 Everything is first written to a hidden `.checkpoint_{step}.tmp/` folder and renamed into
 place once complete, so an interrupted write (crash, SIGKILL, full disk) never touches the
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state
+from accelerate.utils import DistributedType
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 from torch import nn
@@ -35,6 +41,7 @@ from torch import nn
 from ..checkpoints import save_safetensors_atomic
 from ..checkpoints.export import FORMAT_METADATA
 from ..models.parameters import checkpoint_parameter_names, parameter_groups
+from .distributed import copy_into, full_optimizer_state, full_tensor, is_sharded, load_full_optimizer_state
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -50,10 +57,27 @@ class ResumeError(RuntimeError):
 
 def trainable_state(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (and frozen random-init ones, see checkpoint_parameter_names) as
-    CPU tensors. Collective under FSDP: call on every process."""
+    CPU tensors, complete on the main process. Collective under FSDP2 (each sharded tensor is
+    gathered, in the same order everywhere) and DeepSpeed ZeRO-3: call on every process."""
     names = checkpoint_parameter_names(accelerator.unwrap_model(model))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _deepspeed_state(accelerator, model, names)
     full = accelerator.get_state_dict(model)
-    return {name: full[name].detach().to("cpu").contiguous() for name in names}
+    return {name: full_tensor(full[name]).detach().to("cpu").contiguous() for name in names}
+
+
+def _deepspeed_state(accelerator: Accelerator, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Trainable parameters from DeepSpeed's fp32 master copy (the module itself holds 16-bit ones
+    under bf16/fp16); frozen ones from the (ZeRO-3: gathered) module. Collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    full = accelerator.get_state_dict(model) or {}  # ZeRO-3: complete on rank 0 only
+    state = {}
+    for name in names:
+        value = safe_get_full_fp32_param(params[name]) if params[name].requires_grad else full.get(name)
+        if value is not None and accelerator.is_main_process:
+            state[name] = value.detach().to("cpu").contiguous()
+    return state
 
 
 def write_json(data: dict, path: Path) -> None:
@@ -63,13 +87,14 @@ def write_json(data: dict, path: Path) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_dir: Path, name: str,
-                    meta: dict) -> Path:
+                    meta: dict, optimizer=None) -> Path:
     """Write `output_dir/name` on every process's behalf; returns its path. Collective.
+    `optimizer`: one that accelerate does not hold (FSDP2's), saved here whole.
 
     A full disk becomes OSError(ENOSPC) naming the folder, whatever library was writing
     (safetensors and torch.save report it in their own words)."""
     try:
-        return _save_checkpoint(accelerator, model, loader, output_dir, name, meta)
+        return _save_checkpoint(accelerator, model, loader, output_dir, name, meta, optimizer)
     except Exception as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -79,7 +104,7 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_d
 
 
 def _save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_dir: Path, name: str,
-                     meta: dict) -> Path:
+                     meta: dict, optimizer=None) -> Path:
     final, tmp = output_dir / name, output_dir / f".{name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier interrupted write
@@ -92,6 +117,10 @@ def _save_checkpoint(accelerator: Accelerator, model: nn.Module, loader, output_
         trainable = sorted(n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad)
         write_json({**meta, "trainable": trainable}, tmp / META_FILE)
     accelerator.save_state(str(tmp / RESUME_DIR))
+    if optimizer is not None:
+        optimizer_state = full_optimizer_state(model, optimizer)  # collective
+        if accelerator.is_main_process:
+            torch.save(optimizer_state, tmp / RESUME_DIR / "optimizer.bin")
     torch.save(loader.state_dict(), tmp / RESUME_DIR / f"data_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -254,7 +283,8 @@ def _reason(error: Exception) -> str:
 
 def load_trainable(model: nn.Module, checkpoint: Path) -> None:
     """Copy model.safetensors into the model's trainable parameters; the names must match
-    exactly (a checkpoint of another stage's trainable groups is a `model.ckpt`, not a resume)."""
+    exactly (a checkpoint of another stage's trainable groups is a `model.ckpt`, not a resume).
+    Sharded (FSDP2) parameters take their own shard of each tensor."""
     tensors = load_file(str(Path(checkpoint) / MODEL_FILE))
     params = dict(model.named_parameters())
     expected = set(checkpoint_parameter_names(model))
@@ -266,11 +296,17 @@ def load_trainable(model: nn.Module, checkpoint: Path) -> None:
                          f"was model.trainable changed since it was written?")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+            copy_into(params[name], tensor)
 
 
-def check_same_run(accelerator: Accelerator, model: nn.Module, checkpoint: Path, meta: dict) -> None:
-    """What a resume cannot change: the number of processes, and which parameters train."""
+def check_same_run(accelerator: Accelerator, model: nn.Module, checkpoint: Path, meta: dict,
+                   mode: str | None = None) -> None:
+    """What a resume cannot change: the number of processes, the strategy (each keeps its
+    optimiser state its own way), and which parameters train."""
+    written = meta.get("distributed", "ddp")
+    if mode is not None and written != mode:
+        raise ResumeError(f"{checkpoint} was written with run.distributed.mode {written}; resume it with the same "
+                          f"mode (now {mode})")
     if meta.get("world_size", 1) != accelerator.num_processes:
         raise ResumeError(f"{checkpoint} was written by {meta.get('world_size', 1)} processes; resume it with "
                          f"the same number (now {accelerator.num_processes}) so every data shard continues "
@@ -296,24 +332,29 @@ def _trainable_change(model: nn.Module, meta: dict, now: list[str]) -> str:
 
 
 def load_resume_state(accelerator: Accelerator, model: nn.Module, loader, checkpoint: Path,
-                      missing: list[Path] = (), optimizer=None) -> dict:
+                      missing: list[Path] = (), optimizer=None, mode: str | None = None) -> dict:
     """Restore weights, optimiser, scaler, RNGs and data position; returns the checkpoint's meta.
 
     `missing`: resume-state files known to be absent or unreadable (an inexact resume, see
     `run.resume_inexact`); what they hold starts afresh, everything else is restored (then
-    `optimizer` is the prepared optimiser to restore)."""
+    `optimizer` is the prepared optimiser to restore). Under FSDP2 `optimizer` is the trainer's
+    own, restored from the whole state here; under DeepSpeed the engine's checkpoint restores
+    the weights and the optimiser."""
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     if not (checkpoint / RESUME_DIR).is_dir():
         raise ResumeError(f"{checkpoint} holds weights only (no {RESUME_DIR}/): it can start a new stage "
                          f"as model.ckpt but cannot be resumed")
-    check_same_run(accelerator, model, checkpoint, meta)
-    load_trainable(accelerator.unwrap_model(model), checkpoint)
+    check_same_run(accelerator, model, checkpoint, meta, mode)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        load_trainable(accelerator.unwrap_model(model), checkpoint)
     folder, rank = checkpoint / RESUME_DIR, accelerator.process_index
     if not missing:
         accelerator.load_state(str(folder))
+        if is_sharded(model) and optimizer is not None:
+            load_full_optimizer_state(model, optimizer, torch.load(folder / "optimizer.bin", weights_only=True))
     else:
-        _load_available_state(accelerator, optimizer, folder, set(map(Path, missing)))
+        _load_available_state(accelerator, model, optimizer, folder, set(map(Path, missing)))
     data_file = folder / f"data_rank{rank}.pt"
     if data_file not in set(map(Path, missing)):
         loader.load_state_dict(torch.load(data_file, weights_only=True))
@@ -322,11 +363,16 @@ def load_resume_state(accelerator: Accelerator, model: nn.Module, loader, checkp
     return meta
 
 
-def _load_available_state(accelerator: Accelerator, optimizer, folder: Path, missing: set[Path]) -> None:
+def _load_available_state(accelerator: Accelerator, model: nn.Module, optimizer, folder: Path,
+                          missing: set[Path]) -> None:
     """The parts of `accelerator.load_state` whose files are there (single process / DDP layout)."""
     optimizer_file, scaler_file = folder / "optimizer.bin", folder / "scaler.pt"
     if optimizer_file not in missing and optimizer is not None:
-        optimizer.load_state_dict(accelerate_load(optimizer_file, map_location="cpu"))
+        state = accelerate_load(optimizer_file, map_location="cpu")
+        if is_sharded(model):
+            load_full_optimizer_state(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
     if accelerator.scaler is not None and scaler_file not in missing:
         accelerator.scaler.load_state_dict(accelerate_load(scaler_file))
     if folder / f"random_states_{accelerator.process_index}.pkl" not in missing:

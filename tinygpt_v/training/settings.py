@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 
 from ..config import register_section, to_plain
 from ..registry import (LR_SCHEDULES, Bound, ConfigError, Fraction, LocalPath, NonNegativeFloat, NonNegativeInt,
-                        PositiveFloat, PositiveInt, check_kwargs)
+                        PositiveFloat, PositiveInt, Section, check_kwargs)
+from .distributed import distributed_schema
 
 # numpy's seed must be below 2**32 and accelerate seeds process r with seed + r
 Seed = Annotated[int, Bound(ge=0, lt=2**31)]
@@ -43,14 +44,15 @@ def run_schema(
     resume: str | None = None,
     resume_inexact: bool = False,
     log_every: PositiveInt = 10,
-    wandb: bool = True,
-    tensorboard: bool = True,
+    wandb: bool | None = None,
+    tensorboard: bool | None = None,
     project: str = "tinygpt_v",
     job_name: str | None = None,
     num_workers: NonNegativeInt = 0,
     device: Literal["auto", "cpu"] = "auto",
     cpu_threads: PositiveInt | None = None,
     find_unused_parameters: bool = False,
+    distributed: Annotated[dict, Section(distributed_schema)] | None = None,
 ) -> None:
     """The `run:` section.
 
@@ -66,8 +68,12 @@ def run_schema(
     moments / RNG / data order for the missing part, each warned about); `auto` first falls back
     past a damaged newest checkpoint to the newest one that resumes exactly. `max_grad_norm: null`
     disables clipping (the original does not clip).
+    `wandb` / `tensorboard`: null (the default) logs to the tracker when its package is installed
+    and skips it silently otherwise; `true` asks for it (a warning if it is missing); `false` never.
     `cpu_threads` sets torch's intra-op threads (null: torch's default); 1 is the fastest for the
     tiny model and keeps a shared CPU from stalling in OpenMP barriers.
+    `distributed`: `{mode: auto|ddp|fsdp2|zero2|zero3, reshard_after_forward: true}`, how the
+    launched processes share the work (training/distributed.py; docs/training.md).
     """
 
 

@@ -9,7 +9,9 @@ written. Each process's loss is weighted by its share of the step's target token
 gradient DDP averages is the mean over every target token of the global batch: N processes
 with batch B train exactly like one process with batch N x B.
 
-Before anything is built, the main process locks the output folder (lock.py: a second run on
+How the processes share the work (DDP, FSDP2, DeepSpeed ZeRO) is settled before anything else
+(distributed.py), checked once accelerate has started, and printed; a run that is not what the
+config and the launcher ask for stops there. Then the main process locks the output folder (lock.py: a second run on
 it refuses) and the data is built before the model, so a missing file costs seconds. A resume
 is exact or refused (checkpointing.checkpoint_problems); see `run_schema` for `resume_inexact`.
 """
@@ -27,6 +29,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from ..config import to_plain
+from .distributed import accelerator_kwargs, check_started, describe, full_tensor, plan_run, shard_fsdp2
 from .checkpointing import (FINAL, ResumeError, check_same_run, checkpoint_problems,
                             exclude_model_from_accelerate_state, latest_checkpoint, list_checkpoints, load_resume_state,
                             prune_checkpoints, read_meta, save_checkpoint, set_aside, unreadable_checkpoints)
@@ -58,7 +61,10 @@ class Trainer:
         check_training_config(self.config)  # again: a config built in code skipped load_config
         if self.run.cpu_threads:
             torch.set_num_threads(self.run.cpu_threads)
+        self.plan = plan_run(self.run, self.config.get("datasets"))
         self.accelerator = self._make_accelerator()
+        check_started(self.accelerator, self.plan)
+        self.accelerator.print(describe(self.accelerator, self.plan, self.run.accum_grad_iters), flush=True)
         # one run per output folder; the main process holds the lock for the whole run
         self.lock = OutputDirLock(self.output_dir)
         if self.accelerator.is_main_process:
@@ -86,10 +92,23 @@ class Trainer:
         model = build_model(cfg.model, verbose=self.accelerator.is_main_process)
         if self.run.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        optimizer = build_optimizer(model, self.run.init_lr, self.run.weight_decay, self.run.beta2)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:
+            # FSDP2 is ours (distributed.py): the model is sharded here, not wrapped by accelerate, and
+            # the optimiser over the shards stays ours too (accelerate would save rank 0's shard only)
+            distributed = self.run.distributed or {}
+            self.model = shard_fsdp2(model, self.accelerator.device, self.run.mixed_precision,
+                                     distributed.get("reshard_after_forward", True))
+            self.optimizer = build_optimizer(self.model, self.run.init_lr, self.run.weight_decay, self.run.beta2)
+        else:
+            optimizer = build_optimizer(model, self.run.init_lr, self.run.weight_decay, self.run.beta2)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = StepScheduler(self.optimizer, build_schedule(self.run))
         set_seed(self.run.seed, device_specific=True)  # seed + rank from here on, as the original
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the model is sharded by the trainer (distributed.shard_fsdp2)."""
+        return self.plan.mode == "fsdp2"
 
     def close(self) -> None:
         """Stop the data workers and let the output folder go (idempotent)."""
@@ -104,7 +123,7 @@ class Trainer:
         GradientState._reset_state()
         run = self.run
         return Accelerator(
-            cpu=run.device == "cpu",
+            **accelerator_kwargs(self.plan, run),
             mixed_precision=run.mixed_precision,
             gradient_accumulation_steps=run.accum_grad_iters,
             log_with=tracker_names(run) or None,
@@ -155,7 +174,7 @@ class Trainer:
         losses, tokens, grad_norm = [], 0, None
         for micro in range(self.run.accum_grad_iters):
             batch = next(self.loader)
-            with self.accelerator.accumulate(self.model):
+            with self.accelerator.accumulate(self.model), self._autocast():
                 out = self.model(batch)
                 loss, weight, step_tokens = self._global_loss(out)
                 if not math.isfinite(loss):
@@ -163,11 +182,18 @@ class Trainer:
                 self.accelerator.backward(out["loss"] * weight)
                 if self.accelerator.sync_gradients:
                     grad_norm = self._clip_gradients(step)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.accelerator.sync_gradients:  # (accelerate's wrapped optimiser checks it too)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             tokens += step_tokens
         return StepResult(sum(losses) / len(losses), tokens, grad_norm)
+
+    def _autocast(self):
+        """Mixed precision for the forward: accelerate's prepared model has it built in; the
+        sharded one computes its units in the policy's dtype, and the replicated towers here."""
+        import contextlib
+        return self.accelerator.autocast() if self.sharded else contextlib.nullcontext()
 
     def _global_loss(self, out: dict) -> tuple[float, float, int]:
         """(loss over all processes' target tokens, this process's loss weight, all tokens)."""
@@ -184,10 +210,11 @@ class Trainer:
     def _clip_gradients(self, step: int) -> float | None:
         """Clip to max_grad_norm (or only measure, when null); returns the norm before clipping."""
         max_norm = self.run.max_grad_norm or math.inf
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        norm = self.accelerator.clip_grad_norm_(trainable, max_norm)
         if norm is None:  # DeepSpeed clips inside its own step
             return None
-        norm = float(norm)
+        norm = float(full_tensor(norm))  # FSDP2: the norm of sharded gradients is itself sharded
         # with an fp16 GradScaler an inf norm is routine: the scaler skips that update
         if not math.isfinite(norm) and self.accelerator.scaler is None:
             raise NonFiniteLossError(f"step {step + 1}: the gradient norm is {norm} although the loss was finite; "
@@ -226,7 +253,8 @@ class Trainer:
         else:
             candidates = [Path(resume)]
         checkpoint, missing = self._choose_checkpoint(candidates, auto=resume == "auto")
-        meta = load_resume_state(self.accelerator, self.model, self.loader, checkpoint, missing, self.optimizer)
+        meta = load_resume_state(self.accelerator, self.model, self.loader, checkpoint, missing, self.optimizer,
+                                 mode=self.plan.mode)
         exact = "" if not missing else " (inexact: run.resume_inexact)"
         self.accelerator.print(f"resumed from {checkpoint} at step {meta['step']}{exact}")
         return int(meta["step"])
@@ -241,7 +269,7 @@ class Trainer:
         for checkpoint in candidates:
             problems = checkpoint_problems(checkpoint, optimizer=plain, scaler=self.accelerator.scaler is not None)
             if not any(p.essential for p in problems):
-                check_same_run(self.accelerator, self.model, checkpoint, read_meta(checkpoint))
+                check_same_run(self.accelerator, self.model, checkpoint, read_meta(checkpoint), self.plan.mode)
                 if not problems or self.run.resume_inexact:
                     for problem in problems:
                         self._warn(f"{problem}; run.resume_inexact is set, so the run goes on without it "
@@ -275,8 +303,9 @@ class Trainer:
 
     def _save(self, name: str) -> Path:
         meta = {"step": self.step, "epoch": self.step // self.run.iters_per_epoch, "config": self.config,
-                "world_size": self.accelerator.num_processes}
-        path = save_checkpoint(self.accelerator, self.model, self.loader, self.output_dir, name, meta)
+                "world_size": self.accelerator.num_processes, "distributed": self.plan.mode}
+        path = save_checkpoint(self.accelerator, self.model, self.loader, self.output_dir, name, meta,
+                               optimizer=self.optimizer if self.sharded else None)
         if self.accelerator.is_main_process and name != FINAL:
             prune_checkpoints(self.output_dir, self.run.keep_last)
         return path
