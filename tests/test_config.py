@@ -100,7 +100,7 @@ def test_missing_config_and_include_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
     path = write(tmp_path, "inc.yaml", "defaults: [models/absent.yaml]\n")
-    with pytest.raises(ConfigError, match=r"defaults: config file not found: .*absent.yaml \(set in .*inc.yaml\)"):
+    with pytest.raises(ConfigError, match=r"defaults: config file not found: .*absent.yaml \(looked in: .*\) \(set in .*inc.yaml\)"):
         load_config(path)
 
 

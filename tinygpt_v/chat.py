@@ -1,13 +1,21 @@
 """Terminal chat with a TinyGPT-V model, and batch prediction.
 
     python -m tinygpt_v.chat --cfg-path eval_configs/chat_stage4.yaml [--image photo.jpg] [--options ...]
+    python -m tinygpt_v.chat --checkpoint output/demo/stage4/checkpoint_final --image photo.jpg
     python -m tinygpt_v.chat --cfg-path eval_configs/chat_stage4.yaml \\
         --batch questions.jsonl --output answers.jsonl           # or --batch photos/ --question "..."
 
-In the chat, type a question, or a command:
+`--checkpoint` (or `inference.checkpoint`) is an exported folder, our trainer checkpoint, or the
+original's .pth. Without a `model:` section (no --cfg-path, or a config with only `inference:`)
+the model comes from the checkpoint: an exported folder rebuilds itself, a trainer checkpoint's
+meta.json says its model section. A `model:` section that differs from the one the checkpoint
+was trained with is refused, naming the keys.
+
+In the chat, type a question, or a command (line editing and history with the arrow keys):
     /image PATH   look at a new image (starts a new conversation)
-    /reset        forget the conversation (and the image)
-    /quit         leave (so does Ctrl-D)
+    /reset        forget the conversation; the image stays (the next question is about it)
+    /quit         leave (so do Ctrl-D and Ctrl-C)
+A question asked with no image is answered without one, with a reminder to attach one.
 
 A bad image (missing, unreadable, truncated, a decompression bomb) or a question that does not
 fit the model's context is reported and the session goes on; a long conversation keeps its
@@ -17,7 +25,8 @@ With --batch, bad requests (a malformed jsonl line, named by file and line; a ba
 question too long) are skipped and listed on stderr, the others answered. Answers are appended
 to --output: a second run over the same requests asks only those not answered yet (by id), so
 an interrupted batch resumes. The exit status is 0 when every request has its answer, 1 when
-some were skipped, 2 for a config error.
+some were skipped or the model cannot be loaded (one line on stderr: a bad or mismatched
+checkpoint, a missing file, a full disk), 2 for a config error.
 """
 from __future__ import annotations
 
@@ -27,15 +36,24 @@ from collections.abc import Iterable
 from typing import TextIO
 
 COMMANDS = "commands: /image PATH, /reset, /quit"
+ATTACH = "attach one with /image PATH"
 
 
-def load_chat_config(cfg_path: str, options: Iterable[str] = ()):
-    """(model ready for inference, InferenceSettings) from a config with `model:` and `inference:`."""
-    from .config import load_config
+def load_chat_config(cfg_path: str | None, options: Iterable[str] = (), checkpoint: str | None = None):
+    """(model ready for inference, InferenceSettings) from a config with `model:` and/or
+    `inference:`, or from a checkpoint alone (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    from .config import load_config, resolve_config_path, validate_config
     from .inference import load_model, read_inference_settings  # registers the `inference:` section
-    cfg = load_config(cfg_path, list(options))
+    options = list(options) + ([f"inference.checkpoint={checkpoint}"] if checkpoint else [])
+    if cfg_path:
+        cfg = load_config(resolve_config_path(cfg_path), options)
+    else:
+        cfg = OmegaConf.from_dotlist(options)
+        validate_config(cfg, {key.split("=", 1)[0]: "--options" for key in options})
     settings = read_inference_settings(cfg.get("inference"))
-    return load_model(cfg.model, settings), settings
+    return load_model(cfg.model if "model" in cfg else None, settings), settings
 
 
 def run_terminal(chat, lines: Iterable[str], out: TextIO) -> None:
@@ -48,8 +66,9 @@ def run_terminal(chat, lines: Iterable[str], out: TextIO) -> None:
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            chat.reset()
-            out.write("(conversation reset)\n")
+            chat.clear_history()
+            still = "the image stays" if chat.has_image else f"no image yet: {ATTACH}"
+            out.write(f"(conversation reset; {still})\n")
         elif line.startswith("/image"):
             _load_image(chat, line[len("/image"):].strip(), out)
         elif line.startswith("/"):
@@ -76,6 +95,8 @@ def _answer(chat, question: str, out: TextIO) -> None:
         out.write(f"cannot ask that: {e}\n")
         return
     dropped = chat.dropped_turns
+    if not chat.has_image:
+        out.write(f"(no image: answering without one; {ATTACH})\n")
     out.write("Assistant: ")
     shown = ""
     for answer in chat.ask_stream(question):
@@ -91,11 +112,24 @@ def _answer(chat, question: str, out: TextIO) -> None:
 
 
 def _input_lines(prompt: str = "You: ") -> Iterable[str]:
+    """Lines typed at the prompt, which goes to stdout. readline (when the platform has it) gives
+    line editing and an in-session history on the arrow keys; Ctrl-D ends, Ctrl-C too (quietly)."""
+    try:
+        import readline  # noqa: F401  (importing it is what makes input() edit lines)
+    except ImportError:  # Windows without pyreadline: plain input
+        pass
     while True:
         try:
-            yield input(prompt)
-        except EOFError:
+            if sys.stdin.isatty() and sys.stdout.isatty():
+                line = input(prompt)  # with readline, the prompt is drawn on stdout by readline
+            else:
+                sys.stdout.write(prompt)
+                sys.stdout.flush()
+                line = input()
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
             return
+        yield line
 
 
 def run_batch(model, settings, source: str, question: str | None, output: str, batch_size: int,
@@ -119,7 +153,9 @@ def run_batch(model, settings, source: str, question: str | None, output: str, b
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg-path", required=True, help="config with `model:` and `inference:` sections")
+    p.add_argument("--cfg-path", help="config with `model:` and/or `inference:` sections (optional with --checkpoint)")
+    p.add_argument("--checkpoint", help="an exported folder, a trainer checkpoint or the original's .pth "
+                                        "(sets inference.checkpoint; without `model:` the model comes from it)")
     p.add_argument("--options", nargs="*", default=[], help="overrides, e.g. inference.quantization=int8")
     p.add_argument("--image", help="image to start the chat with")
     p.add_argument("--batch", help="jsonl of {image, question[, id]} or a folder of images: answer them all")
@@ -131,26 +167,34 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .checkpoints import CheckpointError
-    from .registry import ConfigError
-    try:
-        model, settings = load_chat_config(args.cfg_path, args.options)
-        if args.batch:
-            return run_batch(model, settings, args.batch, args.question, args.output, args.batch_size)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    if not args.cfg_path and not args.checkpoint:
+        print("error: give --cfg-path (a config with `model:`) or --checkpoint (an exported folder or a trainer "
+              "checkpoint)", file=sys.stderr)
         return 2
-    except (CheckpointError, OSError, ValueError) as e:  # a bad weight file, a missing --batch file, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from .cli.errors import quiet_harmless_warnings, run_reporting
+    quiet_harmless_warnings()
+    loaded = {}
+
+    def load() -> int:
+        loaded["model"], loaded["settings"] = load_chat_config(args.cfg_path, args.options, args.checkpoint)
+        if args.batch:
+            return run_batch(loaded["model"], loaded["settings"], args.batch, args.question, args.output,
+                             args.batch_size)
+        return 0
+
+    # a bad weight file, a missing --batch file, a bad image folder, a full disk: one line
+    status = run_reporting(load, expected=(OSError, ValueError))
+    if status or args.batch:
+        return status
     from .inference import Chat
+    model, settings = loaded["model"], loaded["settings"]
     chat = Chat(model, settings.template, settings.generation_settings, settings.image_size,
                 settings.max_image_pixels)
     if args.image:
         _load_image(chat, args.image, sys.stdout)
     try:
         run_terminal(chat, _input_lines(), sys.stdout)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C while an answer streams: leave without a traceback
         print()
     return 0
 

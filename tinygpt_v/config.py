@@ -2,15 +2,24 @@
 
 A config is YAML with the sections `model`, `datasets`, `run`, `evaluation` and `inference`
 (plus `paths`, named folders for interpolation such as `${paths.data}/coco`).
-`defaults: [a.yaml, ...]` at the top includes other files first (looked up next to the
-including file, then in the nearest `configs/` folder above it); the file's own keys win;
+`defaults: [a.yaml, ...]` at the top includes other files first; the file's own keys win;
 `--options a.b=c` overrides win over everything. Sections merge key by key, except a part
 section whose `name:` changes, which is replaced whole. Validation runs once, at load time, and
 raises ConfigError naming the dotted key and the file that set it.
+
+An include is looked up, in order: next to the including file; in the `configs/` folder of each
+of its parent folders; in the current directory's `configs/`; in the shipped configs (a source
+checkout's `configs/`, or a wheel's `<prefix>/share/tinygpt_v/configs/`). So a config kept
+anywhere (`~/exp/my.yaml`) can say `defaults: [models/tinygpt_v.yaml]`. A not-found include
+names every place looked. A relative `--cfg-path` that is not under the current directory is
+looked up in the shipped tree as well (`train_configs/demo.yaml` works from any folder).
 """
 from __future__ import annotations
 
 import os
+import site
+import sys
+import sysconfig
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -44,7 +53,7 @@ def register_config_check(fn: Callable[[dict], None]) -> Callable[[dict], None]:
 def load_config(path: str | os.PathLike, options: Iterable[str] = (), validate: bool = True) -> DictConfig:
     """Read `path` with its defaults, apply `options` (`a.b=c` strings), validate."""
     provenance: dict[str, str] = {}
-    cfg = _load_with_defaults(Path(path), provenance, chain=())
+    cfg = _load_with_defaults(resolve_config_path(path), provenance, chain=())
     options = list(options or ())
     if options:
         try:
@@ -95,8 +104,11 @@ def to_plain(cfg) -> dict:
 def _load_with_defaults(path: Path, provenance: dict[str, str], chain: tuple[Path, ...]) -> DictConfig:
     path = path.expanduser()
     if not path.is_file():
-        raise ConfigError("defaults" if chain else "--cfg-path", f"config file not found: {path}",
-                          str(chain[-1]) if chain else None)
+        if chain:
+            raise ConfigError("defaults", f"config file not found: {path}", str(chain[-1]))
+        looked = [Path.cwd()] + ([] if path.is_absolute() else shipped_roots())
+        raise ConfigError("--cfg-path", f"config file not found: {path} (looked in: "
+                                        f"{', '.join(str(p) for p in _unique(looked))})")
     if path.resolve() in chain:
         raise ConfigError("defaults", f"include cycle: {' -> '.join(map(str, chain + (path,)))}", str(path))
     try:
@@ -135,13 +147,59 @@ def _drop_renamed_parts(base: DictConfig, override: DictConfig) -> None:
             _drop_renamed_parts(old, new)
 
 
-def _resolve_include(name: str, including: Path) -> Path:
+def shipped_roots() -> list[Path]:
+    """Folders holding the shipped `configs/`, `train_configs/`, `eval_configs/`: the source
+    checkout this package runs from (editable install), then a wheel's data-files folder
+    (`[tool.setuptools.data-files]` in pyproject.toml: `<prefix>/share/tinygpt_v`)."""
+    checkout = Path(__file__).resolve().parent.parent
+    roots = [checkout] if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir() else []
+    for prefix in (sysconfig.get_path("data"), sys.prefix, getattr(site, "USER_BASE", None)):
+        if prefix:
+            roots.append(Path(prefix) / "share" / "tinygpt_v")
+    return _unique(roots)
+
+
+def include_candidates(name: str, including: Path) -> list[Path]:
+    """Where `defaults: [name]` in `including` is looked for, in order."""
     candidates = [including.parent / name]
     candidates += [parent / "configs" / name for parent in including.resolve().parents]
+    candidates.append(Path.cwd() / "configs" / name)
+    candidates += [root / "configs" / name for root in shipped_roots()]
+    return _unique(candidates)
+
+
+def _resolve_include(name: str, including: Path) -> Path:
+    expanded = Path(name).expanduser()
+    if expanded.is_absolute():
+        return expanded
+    candidates = include_candidates(name, including)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    return candidates[0]
+    raise ConfigError("defaults", f"config file not found: {name} (looked in: "
+                                  f"{', '.join(os.path.abspath(c.parent) for c in candidates)})", str(including))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """`path` as given when it exists; a relative path that does not is looked up in the shipped
+    tree (so `--cfg-path train_configs/demo.yaml` works from another folder after `pip install .`)."""
+    given = Path(path).expanduser()
+    if given.is_file() or given.is_absolute():
+        return given
+    for root in shipped_roots():
+        if (root / given).is_file():
+            return root / given
+    return given
+
+
+def _unique(paths: Iterable[Path]) -> list[Path]:
+    seen, out = set(), []
+    for path in paths:
+        key = os.path.normpath(str(path))
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out
 
 
 def _record(node, file: str, provenance: dict[str, str], prefix: str = "") -> None:

@@ -8,7 +8,8 @@ Safetensors files are opened lazily, so taking the vision weights out of a 15 GB
 BLIP-2 folder reads only those.
 
 Our own files are written atomically (temporary file + `os.replace`): a crash while saving
-leaves the previous file intact, never a truncated one.
+leaves the previous file intact, never a truncated one. Their permissions follow the umask
+like any other file (safetensors itself would create them 0600).
 """
 from __future__ import annotations
 
@@ -240,10 +241,19 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(_unshared(tensors), str(tmp), metadata=dict(metadata or {}))
+        # safetensors creates its file 0600; a weight file is shared like any other (the umask decides)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it: set and restore at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

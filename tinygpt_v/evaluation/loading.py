@@ -6,6 +6,11 @@
 - anything `tinygpt_v.checkpoints.load_checkpoints` reads (our trainer checkpoint folder or
   `.safetensors`, the original's stage `.pth`): loaded into the model the `model:` section builds;
 - null: the `model:` section alone (its own `ckpt:` list included).
+
+A trainer checkpoint's meta.json records the `model:` section it was trained with; a model
+section that builds another architecture (other sizes, a Q-Former the checkpoint never had, ...)
+is refused naming the differing keys (`check_model_matches`), since the missing weights would
+stay random and score 0 without a word.
 """
 from __future__ import annotations
 
@@ -14,8 +19,20 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from ..checkpoints import CheckpointError
 from ..registry import ConfigError
 from .settings import EvalSettings
+
+META_FILE = "meta.json"  # written by the trainer next to every checkpoint's weights
+# Keys that say where weights come from or how they were trained / placed, not what is built:
+# they may differ between the checkpoint's run and the config that loads it.
+NOT_ARCHITECTURE = {"ckpt", "trainable", "pretrained", "gradient_checkpointing", "grad_checkpointing", "dropout",
+                    "precision", "dtype", "quantization", "prompt_template", "end_sym", "max_txt_len",
+                    "max_context_len"}
+
+
+class ModelMismatchError(CheckpointError):
+    """The model section builds another model than the checkpoint was trained as."""
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,6 +46,7 @@ def load_model(cfg, settings: EvalSettings, device: torch.device):
         set_seed(settings.seed)  # parts no checkpoint holds (a demo's random frozen encoder) as in training
         model = _build(cfg)
         if checkpoint:
+            check_model_matches(cfg.model, checkpoint)
             from ..checkpoints import load_checkpoints
             load_checkpoints(model, [checkpoint])
     # auto: half precision on a GPU (the original evaluates in fp16), the built dtypes on CPU.
@@ -73,3 +91,54 @@ def model_image_size(model) -> int | None:
     if size is None and getattr(model, "vision", None) is not None:
         size = getattr(model.vision, "image_size", None)
     return size
+
+
+# --- the model section against the checkpoint's ---------------------------------------------------
+
+def checkpoint_model_section(checkpoint) -> dict | None:
+    """The `model:` section recorded in a trainer checkpoint's meta.json (the folder, or the
+    folder of a weight file inside it); None when there is none (a foreign .pth, an export)."""
+    path = Path(checkpoint).expanduser()
+    for folder in (path, path.parent):
+        meta = folder / META_FILE
+        if meta.is_file():
+            import json
+            try:
+                config = json.loads(meta.read_text()).get("config") or {}
+            except (OSError, ValueError, AttributeError):
+                return None  # a damaged meta.json is the resume code's business, not a model check
+            model = config.get("model") if isinstance(config, dict) else None
+            return model if isinstance(model, dict) else None
+    return None
+
+
+def model_differences(wanted, recorded, prefix: str = "model") -> list[str]:
+    """Dotted keys whose values differ ("key: config X, checkpoint Y"), architecture keys only."""
+    from ..config import to_plain
+    wanted, recorded = to_plain(wanted), to_plain(recorded)
+    if isinstance(wanted, dict) and isinstance(recorded, dict):
+        out = []
+        for key in sorted(set(wanted) | set(recorded), key=str):
+            if key in NOT_ARCHITECTURE:
+                continue
+            out += model_differences(wanted.get(key), recorded.get(key), f"{prefix}.{key}")
+        return out
+    return [] if wanted == recorded else [f"{prefix}: config {_show(wanted)}, checkpoint {_show(recorded)}"]
+
+
+def _show(value) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_model_matches(model_section, checkpoint) -> None:
+    """Refuse a model section that differs from the one the checkpoint recorded."""
+    recorded = checkpoint_model_section(checkpoint)
+    if recorded is None:
+        return
+    differences = model_differences(model_section, recorded)
+    if differences:
+        raise ModelMismatchError(checkpoint, f"the model section does not match the one recorded in its {META_FILE}: "
+                                             + "; ".join(differences)
+                                             + ". Use the training run's model section (or, in the chat, drop "
+                                               "`model:` and let the checkpoint supply it)")

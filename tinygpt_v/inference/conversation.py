@@ -5,7 +5,8 @@
     chat.ask("What is in the picture?")       # -> the answer; it joins the history
     for answer_so_far in chat.ask_stream("What colour is it?"):
         print(answer_so_far)
-    chat.reset()                              # forget the history (and the image)
+    chat.clear_history()                      # forget the turns, keep the image
+    chat.reset()                              # forget the history and the image
 
 Every question is answered from the conversation, written out by the template (see
 templates.py) and passed to `TinyGPTV.generate(..., apply_template=False)`.
@@ -59,8 +60,17 @@ class Chat:
         self.image_tokens = self.model.num_image_tokens(pixels)
 
     def reset(self) -> None:
-        self.pixels, self.questions, self.answers = None, [], []
-        self.image_tokens, self.dropped_turns = 0, 0
+        """Forget the conversation and the image."""
+        self.clear_history()
+        self.pixels, self.image_tokens = None, 0
+
+    def clear_history(self) -> None:
+        """Forget the questions and answers; the image stays (a new conversation about it)."""
+        self.questions, self.answers, self.dropped_turns = [], [], 0
+
+    @property
+    def has_image(self) -> bool:
+        return self.pixels is not None
 
     @property
     def history(self) -> list[tuple[str, str]]:

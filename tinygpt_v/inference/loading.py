@@ -1,7 +1,10 @@
 """Getting a model ready to answer: load it, then place it (device, dtypes, quantisation).
 
 `load_model(source, settings)` accepts a built TinyGPTV, an exported folder (config.yaml +
-*.safetensors), a config file with a `model:` section, or a `model:` section itself.
+*.safetensors), a config file with a `model:` section, or a `model:` section itself; with
+`source=None` the model comes from `settings.checkpoint` alone (an exported folder, or a trainer
+checkpoint whose meta.json records its model section). A model section that differs from the one
+the checkpoint recorded is refused naming the keys (evaluation.loading.check_model_matches).
 `prepare_model(model, settings)` applies the low-memory switches of `InferenceSettings`:
 
 - the LLM in fp32 / fp16 / bf16, or quantised to int8 (LLM.int8) / nf4 through bitsandbytes;
@@ -31,11 +34,45 @@ POST_NORM = "post_layernorm"  # TinyGPT-V's extra RMSNorm, which no HF LLM class
 def load_model(source, settings: InferenceSettings | None = None) -> TinyGPTV:
     """A TinyGPTV from `source`, with `settings.checkpoint` loaded, placed by `settings`."""
     settings = settings or InferenceSettings()
+    if source is None:
+        source = model_from_checkpoint(settings.checkpoint)
+        if isinstance(source, Path):  # an exported folder: complete, nothing more to load
+            return prepare_model(TinyGPTV.from_pretrained(source), settings)
+    elif settings.checkpoint and not isinstance(source, TinyGPTV):
+        from ..evaluation.loading import check_model_matches
+        check_model_matches(_model_section(source), settings.checkpoint)
     model = source if isinstance(source, TinyGPTV) else _build(source)
     if settings.checkpoint:
         from ..checkpoints import load_checkpoints  # ours, an export folder, or the original's .pth
         load_checkpoints(model, [settings.checkpoint])
     return prepare_model(model, settings)
+
+
+def model_from_checkpoint(checkpoint):
+    """What to build when the config has no `model:` section: the exported folder itself (a
+    Path), or the model section a trainer checkpoint's meta.json recorded (its `ckpt:`, the
+    stage before, dropped: the checkpoint is loaded over it)."""
+    if not checkpoint:
+        raise ConfigError("model", "no model section: give a config with `model:` (e.g. defaults: "
+                                   "[models/tinygpt_v.yaml]) or a checkpoint that carries one (--checkpoint / "
+                                   "inference.checkpoint: an exported folder, or a trainer checkpoint folder)")
+    path = Path(checkpoint).expanduser()
+    if (path / "config.yaml").is_file():
+        return path
+    from ..evaluation.loading import checkpoint_model_section
+    section = checkpoint_model_section(path)
+    if section is None:
+        raise ConfigError("model", f"no model section, and {checkpoint} does not carry one (neither an exported "
+                                   f"folder with config.yaml nor a trainer checkpoint with meta.json): give a "
+                                   f"config with `model:`")
+    return {key: value for key, value in section.items() if key != "ckpt"}
+
+
+def _model_section(source):
+    if isinstance(source, (str, os.PathLike)):
+        from ..config import load_config
+        return load_config(Path(source).expanduser()).model
+    return source["model"] if "model" in source else source
 
 
 def _build(source) -> TinyGPTV:

@@ -27,18 +27,21 @@ CURVES_FILE = "curves.png"
 # --- trackers ----------------------------------------------------------------------------------------
 
 def tracker_names(run) -> list[str]:
-    """The accelerate trackers this run asks for and can have; a missing package is skipped
-    with a warning (metrics.jsonl and the curves PNG are written either way)."""
-    wanted = {"wandb": run.wandb and ("wandb",), "tensorboard": run.tensorboard and ("tensorboard", "tensorboardX")}
+    """The accelerate trackers this run gets. `run.<tracker>: null` (the default) means "when
+    installed": a missing package is skipped silently, so the main install runs clean. `true`
+    asks for it: a missing package is then a warning (metrics.jsonl and the curves PNG are
+    written either way)."""
+    packages = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
     names = []
-    for name, packages in wanted.items():
-        if not packages:
+    for name, candidates in packages.items():
+        wanted = getattr(run, name, None)
+        if wanted is False:
             continue
-        if any(importlib.util.find_spec(p) for p in packages):
+        if any(importlib.util.find_spec(p) for p in candidates):
             names.append(name)
-        else:
+        elif wanted:
             logger.warning("run.%s is on but %s is not installed: pip install 'tinygpt_v[logging]' "
-                           "(or set run.%s: false)", name, packages[0], name)
+                           "(or set run.%s: false)", name, candidates[0], name)
     return names
 
 

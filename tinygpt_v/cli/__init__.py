@@ -1,0 +1,9 @@
+"""Command-line entry points, runnable from any folder once the package is installed:
+
+    tinygpt-v-train --cfg-path train_configs/demo.yaml      # or: python -m tinygpt_v.cli.train ...
+    tinygpt-v-eval  --cfg-path eval_configs/demo.yaml       # or: python -m tinygpt_v.cli.eval ...
+    tinygpt-v-chat  --cfg-path eval_configs/chat_demo.yaml  # or: python -m tinygpt_v.chat ...
+
+A relative `--cfg-path` not found under the current folder is taken from the shipped configs
+(tinygpt_v.config.resolve_config_path). The repository's `train.py` / `eval.py` call these.
+"""
