@@ -35,6 +35,15 @@ def decode_like_original(text: str) -> str:
     return text.split("</s>")[0].replace("<s>", "").split("[/INST]")[-1].strip()
 
 
+def splice_images(embeds: torch.Tensor, slots: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Write each sample's image embeddings into its image slots, every sample in one indexed
+    copy (no per-sample loop, no host sync). A capped prompt may have cut part of an image:
+    row i takes its first `slots[i].sum()` image tokens."""
+    fits = torch.arange(image_embeds.shape[1], device=slots.device) < slots.sum(1, keepdim=True)
+    embeds[slots] = image_embeds[fits].to(embeds.dtype)
+    return embeds
+
+
 @dataclass
 class TokenSequence:
     """One sample as token ids; image positions hold a placeholder id and are flagged.
@@ -84,6 +93,7 @@ class TinyGPTV(nn.Module):
         self.max_context_len = max_context_len
         self.frozen_parts: tuple[str, ...] = ()
         self.num_truncated_prompts = 0  # prompts cut at max_context_len so far (see _note_truncated)
+        self._vision_token_counts: dict[tuple, int] = {}  # image size -> vision tokens (no Q-Former)
 
     # --- images ----------------------------------------------------------------------------
 
@@ -101,12 +111,24 @@ class TinyGPTV(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_image_tokens, llm hidden), in the LLM's dtype."""
-        # the vision tower may live elsewhere (e.g. on the CPU to save GPU memory)
-        tokens = self.vision(pixels.to(self.vision_device)).to(self.device)
+        return self.project_features(self.image_features(pixels))
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the frozen towers make of an image, before the connector: the Q-Former's
+        outputs, or the vision tokens after ln_vision without a Q-Former. A pure function of
+        the pixels while the towers are frozen, so it can be cached (training.feature_cache)."""
+        # the vision tower may live elsewhere (e.g. on the CPU to save GPU memory), and so may
+        # ln_vision + Q-Former (moved off the GPU while a feature cache serves every image)
+        tower_device = self.ln_vision.weight.device
+        tokens = self.vision(pixels.to(self.vision_device)).to(tower_device)
         tokens = self.ln_vision(tokens.float())
         if self.qformer is not None:
             tokens = self.qformer(tokens)
-        return self.connector(tokens).to(self.llm_dtype)
+        return tokens.to(self.device)
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """`image_features` -> the LLM's image embeddings (the connector, trainable)."""
+        return self.connector(features.to(self.device)).to(self.llm_dtype)
 
     # --- text -> token sequences -------------------------------------------------------------
 
@@ -206,31 +228,60 @@ class TinyGPTV(nn.Module):
 
     def _embed(self, seqs: list[TokenSequence], images: torch.Tensor | None, left_pad: bool):
         """Pad sequences, embed tokens, and write image embeddings into their slots."""
-        ids, labels, mask, slots = (t.to(self.device) for t in self.pad_batch(seqs, left_pad))
+        return self._embed_padded(self.pad_batch(seqs, left_pad), images)
+
+    def _embed_padded(self, padded: tuple, images: torch.Tensor | None, features: torch.Tensor | None = None):
+        """(ids, labels, mask, slots) from `pad_batch` -> (embeds, mask, labels) on the device;
+        the image embeddings come from `images` (pixels) or from cached `features`."""
+        ids, labels, mask, slots = (t.to(self.device, non_blocking=True) for t in padded)
         embeds = self.llm.get_input_embeddings()(ids)
-        if images is not None:
-            image_embeds = self.encode_image(images)
-            for i in range(len(seqs)):  # a capped prompt may have cut part of an image: take what fits
-                embeds[i, slots[i]] = image_embeds[i, : int(slots[i].sum())].to(embeds.dtype)
+        if features is not None or images is not None:
+            image_embeds = self.project_features(features) if features is not None else self.encode_image(images)
+            embeds = splice_images(embeds, slots, image_embeds)
         return embeds, mask, labels
 
-    def num_image_tokens(self, images: torch.Tensor | None) -> int:
-        if images is None:
+    def num_image_tokens(self, images: torch.Tensor | None, features: torch.Tensor | None = None) -> int:
+        if images is None and features is None:
             return 0
         if self.qformer is not None:
             return self.qformer.query_tokens.shape[1]
-        num_tokens = self.vision(images[:1].to(self.vision_device)).shape[1]
+        if features is not None:
+            num_tokens = features.shape[1]
+        else:
+            size = tuple(images.shape[-2:])
+            if size not in self._vision_token_counts:  # one image through the tower, once per size
+                with torch.no_grad():
+                    self._vision_token_counts[size] = self.vision(images[:1].to(self.vision_device)).shape[1]
+            num_tokens = self._vision_token_counts[size]
         # a connector may merge tokens (pixel_shuffle): the LLM sees its output count
         return self.connector.num_output_tokens(num_tokens) if hasattr(self.connector, "num_output_tokens") \
             else num_tokens
 
-    def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True, apply_template=True):
-        self.check_markers(prompts, images is not None)
-        n_image = self.num_image_tokens(images)
+    def training_tokens(self, images, prompts, answers, add_end_sym=True, apply_template=True,
+                        features=None) -> dict:
+        """The token side of a training batch, on the CPU: `input_ids`, `labels`,
+        `attention_mask`, `image_slots` (B, L) and how many prompts were capped. The loader may
+        call this ahead of the step (`pretokenize`); `forward` then skips the tokenizer."""
+        self.check_markers(prompts, images is not None or features is not None)
+        n_image = self.num_image_tokens(images, features)
         seqs = [self.build_sequence(p, a, n_image, apply_template=apply_template, add_end_sym=add_end_sym)
                 for p, a in zip(prompts, answers)]
-        self._note_truncated(sum(s.prompt_truncated for s in seqs))
-        return self._embed(seqs, images, left_pad=False)
+        ids, labels, mask, slots = self.pad_batch(seqs)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "image_slots": slots,
+                "num_truncated": sum(s.prompt_truncated for s in seqs)}
+
+    def pretokenize(self, batch: dict) -> dict:
+        """A collated batch + its `training_tokens` (the loader's `prepare` hook)."""
+        return {**batch, **self.training_tokens(batch.get("image"), batch["prompt"], batch["answer"])}
+
+    def prepare_training_inputs(self, images, prompts, answers, add_end_sym=True, apply_template=True):
+        tokens = self.training_tokens(images, prompts, answers, add_end_sym, apply_template)
+        return self._embed_tokens(tokens, images)
+
+    def _embed_tokens(self, tokens: dict, images, features=None):
+        self._note_truncated(int(tokens["num_truncated"]))
+        padded = (tokens["input_ids"], tokens["labels"], tokens["attention_mask"], tokens["image_slots"])
+        return self._embed_padded(padded, images, features)
 
     def _note_truncated(self, count: int) -> None:
         """Prompts cut at max_context_len (their answers kept): counted and logged, never silent."""
@@ -244,15 +295,25 @@ class TinyGPTV(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         """Batch from the data collate: `image` (B,3,S,S) or None, `prompt` and `answer` as
-        lists of per-turn strings. Returns the mean loss over answer + end_sym tokens."""
-        embeds, mask, labels = self.prepare_training_inputs(batch.get("image"), batch["prompt"], batch["answer"])
+        lists of per-turn strings. Returns the mean loss over answer + end_sym tokens.
+
+        Two shortcuts, same result: a batch already holding `training_tokens` (`input_ids`, ...:
+        the loader's `pretokenize`) is not tokenised again, and one holding `image_features`
+        (training.feature_cache) skips the frozen towers."""
+        features = batch.get("image_features")
+        if "input_ids" not in batch:
+            batch = {**batch, **self.training_tokens(batch.get("image"), batch["prompt"], batch["answer"],
+                                                     features=features)}
+        host_labels, host_mask = batch["labels"], batch["attention_mask"]
+        embeds, mask, labels = self._embed_tokens(batch, batch.get("image"), features)
         predicts_target = labels[:, 1:] != IGNORE  # position t predicts token t+1
         logits = self.target_logits(embeds, mask, predicts_target)
         targets = labels[:, 1:][predicts_target]
         loss_sum = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        num_targets = int(targets.numel())
+        # counted on the host copies (when the batch came pre-tokenised): no device sync
+        num_targets = int((host_labels[:, 1:] != IGNORE).sum())
         return {"loss": loss_sum / max(num_targets, 1), "num_target_tokens": num_targets,
-                "num_tokens": int(mask.sum())}
+                "num_tokens": int(host_mask.sum())}
 
     def target_logits(self, embeds: torch.Tensor, mask: torch.Tensor, predicts_target: torch.Tensor):
         """Logits only where a target is predicted. The LM head over a 51k vocabulary is the

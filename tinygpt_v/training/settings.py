@@ -49,6 +49,8 @@ def run_schema(
     project: str = "tinygpt_v",
     job_name: str | None = None,
     num_workers: NonNegativeInt = 0,
+    prefetch: NonNegativeInt = 0,
+    feature_cache: str | None = None,
     device: Literal["auto", "cpu"] = "auto",
     cpu_threads: PositiveInt | None = None,
     find_unused_parameters: bool = False,
@@ -70,6 +72,10 @@ def run_schema(
     disables clipping (the original does not clip).
     `wandb` / `tensorboard`: null (the default) logs to the tracker when its package is installed
     and skips it silently otherwise; `true` asks for it (a warning if it is missing); `false` never.
+    `num_workers` processes load the samples; `prefetch` batches are prepared ahead in a thread
+    (pinned, copied to the GPU without blocking); either way the batches and a resume are the same.
+    `feature_cache: DIR` stores the frozen towers' output per image and reuses it (stage 1 -> 2,
+    every epoch); refused when a tower trains or a processor augments (training/feature_cache.py).
     `cpu_threads` sets torch's intra-op threads (null: torch's default); 1 is the fastest for the
     tiny model and keeps a shared CPU from stalling in OpenMP barriers.
     `distributed`: `{mode: auto|ddp|fsdp2|zero2|zero3, reshard_after_forward: true}`, how the

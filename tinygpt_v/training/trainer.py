@@ -33,6 +33,7 @@ from .distributed import accelerator_kwargs, check_started, describe, full_tenso
 from .checkpointing import (FINAL, ResumeError, check_same_run, checkpoint_problems,
                             exclude_model_from_accelerate_state, latest_checkpoint, list_checkpoints, load_resume_state,
                             prune_checkpoints, read_meta, save_checkpoint, set_aside, unreadable_checkpoints)
+from .feature_cache import setup_input_pipeline
 from .lock import OutputDirLock
 from .preflight import check_built_datasets, check_training_config
 from .optim import build_optimizer
@@ -86,10 +87,14 @@ class Trainer:
         # real one) is built. The loader draws nothing from the global RNGs, so the order does not
         # change the initial weights.
         self.loader = build_train_loader(cfg.datasets, seed=self.run.seed, rank=self.accelerator.process_index,
-                                         world_size=self.accelerator.num_processes, num_workers=self.run.num_workers)
+                                         world_size=self.accelerator.num_processes, num_workers=self.run.num_workers,
+                                         prefetch=self.run.prefetch, device=self.accelerator.device)
         check_built_datasets(self.config["model"], self.loader.datasets)
         set_seed(self.run.seed)  # the same on every process: identical initial weights
         model = build_model(cfg.model, verbose=self.accelerator.is_main_process)
+        self.feature_cache = setup_input_pipeline(  # tokenise in the loader; run.feature_cache
+            self.loader, model, self.run, list(self.config["model"].get("trainable", ["projection"])),
+            num_processes=self.accelerator.num_processes, is_main_process=self.accelerator.is_main_process)
         if self.run.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if self.sharded:
@@ -122,14 +127,17 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         run = self.run
+        extra = accelerator_kwargs(self.plan, run)
+        handlers = extra.pop("kwargs_handlers", [])
         return Accelerator(
-            **accelerator_kwargs(self.plan, run),
+            **extra,
             mixed_precision=run.mixed_precision,
             gradient_accumulation_steps=run.accum_grad_iters,
             log_with=tracker_names(run) or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "tensorboard")),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=run.find_unused_parameters)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=run.find_unused_parameters),
+                             *handlers],
         )
 
     # --- the run -------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ class Trainer:
         for micro in range(self.run.accum_grad_iters):
             batch = next(self.loader)
             with self.accelerator.accumulate(self.model), self._autocast():
-                out = self.model(batch)
+                out = self.model(self.feature_cache.fill(batch) if self.feature_cache else batch)
                 loss, weight, step_tokens = self._global_loss(out)
                 if not math.isfinite(loss):
                     raise self._non_finite_loss(step, micro, batch, out["loss"])
@@ -209,6 +217,8 @@ class Trainer:
 
     def _clip_gradients(self, step: int) -> float | None:
         """Clip to max_grad_norm (or only measure, when null); returns the norm before clipping."""
+        if self.run.max_grad_norm is None and (step + 1) % self.run.log_every:
+            return None  # no clipping: the norm (a host sync) is measured only on logged steps
         max_norm = self.run.max_grad_norm or math.inf
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.accelerator.clip_grad_norm_(trainable, max_norm)
