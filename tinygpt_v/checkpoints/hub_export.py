@@ -81,7 +81,7 @@ def hub_config(model, section: Mapping) -> dict:
         text.pop(key, None)
     counts = {"total": sum(p.numel() for p in model.parameters())}
     for part in ("vision", "qformer", "connector", "llm"):
-        if hasattr(model, part):
+        if getattr(model, part, None) is not None:  # a model without a Q-Former has qformer = None
             counts[part] = sum(p.numel() for p in getattr(model, part).parameters())
     lora = section.get("lora")
     import transformers

@@ -51,7 +51,9 @@ def build_model(model_cfg, verbose: bool = True) -> TinyGPTV:
         if cfg.get("qformer") else None
     llm = LLMS.build(cfg["llm"], "model.llm")
     if cfg.get("lora"):
-        llm = apply_lora(llm, **family_lora_settings(cfg["lora"], llm.config.model_type))
+        lora = family_lora_settings(cfg["lora"], llm.config.model_type)
+        cfg = {**cfg, "lora": lora}  # kept resolved (the family's targets), so an export says what was built
+        llm = apply_lora(llm, **lora)
     text_tokenizer = TOKENIZERS.build(cfg["tokenizer"], "model.tokenizer")
     _check_vocab(text_tokenizer, llm)
     in_width = q_former.num_features if q_former is not None else vision_encoder.num_features

@@ -202,10 +202,12 @@ class LLMFamily:
     post_attn_norm: a decoder-layer class with a `from_layer`, "builtin" (the family already
     norms the attention output, e.g. Gemma 2's post_attention_layernorm), or "module"
     (PostNormDecoderLayer). lora_targets: the default `model.lora.target_modules` (Phi's with
-    its fused q/k/v adapter; `model.lora.fused_qkv` exists for Phi only, FUSED_QKV_ATTENTIONS)."""
+    its fused q/k/v adapter; `model.lora.fused_qkv` exists for Phi only, FUSED_QKV_ATTENTIONS).
+    only_attention: used whatever `attn_implementation` says (Gemma 2's soft-capping: eager)."""
     qk_norm: str
     post_attn_norm: str | type
     lora_targets: tuple[str, ...]
+    only_attention: str | None = None  # the one attn_implementation transformers has for the family
 
 
 LLAMA_STYLE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -217,7 +219,7 @@ FAMILIES: dict[str, LLMFamily] = {
     "qwen2": LLMFamily("module", "module", LLAMA_STYLE_LORA),      # Qwen2 / Qwen2.5
     "qwen3": LLMFamily("builtin", "module", LLAMA_STYLE_LORA),     # q_norm/k_norm (RMSNorm) built in
     "gemma": LLMFamily("module", "module", LLAMA_STYLE_LORA),
-    "gemma2": LLMFamily("module", "builtin", LLAMA_STYLE_LORA),    # post_attention_layernorm built in
+    "gemma2": LLMFamily("module", "builtin", LLAMA_STYLE_LORA, "eager"),  # post_attention_layernorm built in
     "phi3": LLMFamily("module", "module", ("qkv_proj", "o_proj")),  # Phi-3 / Phi-3.5 / Phi-4-mini
 }
 
@@ -245,6 +247,8 @@ def hf_causal_lm(pretrained: PathOrHubId | None = None, model_type: str = "phi",
     `post_attn_norm` add TinyGPT-V's norms as the family allows (FAMILIES); `qk_layernorm_eps`
     is the eps of an added QK LayerNorm (a config-switch family uses its config's)."""
     overrides = dict(config or {})
+    if model_type in FAMILIES and FAMILIES[model_type].only_attention:
+        attn_implementation = FAMILIES[model_type].only_attention
     if qk_layernorm:
         switch = _qk_switch(model_type)
         if switch:

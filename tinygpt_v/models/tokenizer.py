@@ -16,6 +16,8 @@ def hf_tokenizer(path: PathOrHubId) -> PreTrainedTokenizerFast:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # Phi-2 ships none; the original pads with eos
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is None:  # Qwen2.5 ships none; every sequence here starts with one (Phi-2: BOS = pad)
+        tokenizer.bos_token = tokenizer.pad_token
     return tokenizer
 
 
