@@ -49,6 +49,10 @@ def load_model(cfg, settings: EvalSettings, device: torch.device):
             check_model_matches(cfg.model, checkpoint)
             from ..checkpoints import load_checkpoints
             load_checkpoints(model, [checkpoint])
+    if settings.merge_lora:  # LoRA folded into the weights: one matmul per projection when decoding
+        from ..inference.loading import merged_llm
+        model.llm = merged_llm(model.llm)
+    model.decode_options = {"static_cache": settings.static_cache, "compile": settings.compile}
     # auto: half precision on a GPU (the original evaluates in fp16), the built dtypes on CPU.
     dtype = _DTYPES.get(settings.precision, torch.float16 if device.type == "cuda" else None)
     model.to(device)

@@ -38,6 +38,9 @@ class EvalSettings:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, as loaded on CPU
     seed: int = 42  # set before building: untrained frozen parts (the demo's) come back as in training (run.seed)
     data_root: str = "data"  # for ${evaluation.data_root} in benchmark paths
+    merge_lora: bool = True  # fold LoRA into the LLM weights for decoding (faster tokens; rounding-level change)
+    static_cache: bool = False  # preallocated KV cache (fixed shapes) in generate
+    compile: bool = False  # torch.compile the decode step (needs static_cache; CUDA graphs on a GPU)
 
     @property
     def scorings(self) -> list[str]:

@@ -8,7 +8,8 @@
       quantization: null                       # int8 | nf4: the LLM through bitsandbytes
       vision_device: auto                      # auto (beside the LLM) | cpu
       vision_precision: auto                   # as precision, for the vision encoder
-      generation: {max_new_tokens: 300, num_beams: 1, temperature: 0.0, top_p: 0.9, repetition_penalty: 1.0}
+      generation: {max_new_tokens: 300, num_beams: 1, temperature: 0.0, top_p: 0.9, repetition_penalty: 1.0,
+                   static_cache: false, compile: false}   # compile: the decode step as one graph
       max_image_pixels: 89478485               # larger images are refused from the header (decompression bombs)
 
 Low-memory modes are these switches: `precision: fp16|bf16`, `quantization: int8|nf4`,
@@ -35,13 +36,16 @@ class GenerationSettings:
     temperature: NonNegativeFloat = 0.0  # 0: greedy decoding; above 0: sampling at this temperature
     top_p: Annotated[float, Bound(gt=0, le=1)] = 0.9  # nucleus sampling; only used when sampling
     repetition_penalty: PositiveFloat = 1.0
+    static_cache: bool = False  # preallocated KV cache (fixed shapes); same answers
+    compile: bool = False  # torch.compile the decode step (with static_cache; CUDA graphs on a GPU)
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `TinyGPTV.generate`."""
         sampling = self.temperature > 0
+        decode = {k: True for k in ("static_cache", "compile") if getattr(self, k)}
         return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": sampling,
                 "temperature": self.temperature if sampling else 1.0, "top_p": self.top_p,
-                "repetition_penalty": self.repetition_penalty}
+                "repetition_penalty": self.repetition_penalty, **decode}
 
     def replace(self, **changes) -> "GenerationSettings":
         """A copy with `changes` applied; None values are ignored (an untouched UI control)."""
