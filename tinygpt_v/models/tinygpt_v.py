@@ -356,7 +356,7 @@ class TinyGPTV(nn.Module):
     def generate(self, images: torch.Tensor | None, prompts: list[str], max_new_tokens: int = 20,
                  do_sample: bool = False, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, apply_template: bool = True, streamer=None,
-                 static_cache: bool = False, compile: bool = False, stop_at_end_sym: bool = True,
+                 static_cache: bool | None = None, compile: bool | None = None, stop_at_end_sym: bool = True,
                  min_new_tokens: int = 0, add_bos: bool = True) -> list[str]:
         """Answer each prompt; stops at end_sym or EOS; returns the decoded strings.
 
@@ -365,8 +365,13 @@ class TinyGPTV(nn.Module):
         `stop_at_end_sym=False` generates as the original's `generate` (its stopping criteria are
         commented out): on to EOS or max_new_tokens, the text decoded as it does
         (`decode_like_original`), not cut at end_sym.
+        `static_cache` / `compile` left at None take `self.decode_options` (set from the
+        evaluation / inference settings' keys of the same names; both off by default).
         `min_new_tokens` bars EOS before that many tokens (the original's min_length=1).
         `add_bos=False` starts the prompt without BOS, as the original's `generate` does."""
+        options = getattr(self, "decode_options", {})
+        static_cache = options.get("static_cache", False) if static_cache is None else static_cache
+        compile = options.get("compile", False) if compile is None else compile
         self.check_markers([[p] for p in prompts], images is not None)
         n_image = self.num_image_tokens(images)
         seqs = [self.build_sequence([p], None, n_image, apply_template=apply_template, add_bos=add_bos)
