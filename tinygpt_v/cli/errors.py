@@ -7,6 +7,7 @@ checkpoint); 130: Ctrl-C. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -35,13 +36,13 @@ def run_reporting(body: Callable[[], int | None], expected: tuple[type[BaseExcep
     except bad_input as e:
         print(f"error: {e}", file=err)
         return 2
-    except (CheckpointError, *expected) as e:
-        print(f"error: {e}", file=err)
-        return 1
-    except OSError as e:
-        if e.errno not in DISK_FULL:
+    except (CheckpointError, OSError, *expected) as e:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            print(disk_full_line(e), file=err)
+            return 1
+        if not isinstance(e, (CheckpointError, *expected)):
             raise
-        print(disk_full_line(e), file=err)
+        print(f"error: {e}", file=err)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=err)
@@ -49,11 +50,23 @@ def run_reporting(body: Callable[[], int | None], expected: tuple[type[BaseExcep
 
 
 def quiet_harmless_warnings() -> None:
-    """Silence two lines every run would print that say nothing about the run: bitsandbytes'
-    note that an optional CPU nf4 kernel package (`kernels`) is absent, logged when peft imports
-    it, and peft's call of a transformers helper that transformers 5 renamed. Call it before
-    importing the models."""
-    import logging
+    """Silence lines a CPU run would print that say nothing about the run: bitsandbytes' note
+    that an optional CPU nf4 kernel package (`kernels`) is absent (logged when peft imports it),
+    peft's call of a transformers helper that transformers 5 renamed, and DeepSpeed's "Setting
+    accelerator to CPU" when it is imported on a machine without a GPU. Only these exact
+    messages; call it before importing the models."""
     import warnings
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    deepspeed = logging.getLogger("DeepSpeed")  # deepspeed.utils.logging's; it keeps filters added before
+    if not any(isinstance(f, _DropMessage) for f in deepspeed.filters):
+        deepspeed.addFilter(_DropMessage("Setting accelerator to CPU."))
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
