@@ -22,7 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tinygpt_v.config import load_config, to_plain
 from tinygpt_v.models import TinyGPTV, build_model
-from tinygpt_v.models.llm import FAMILIES, QKNormAttention, add_post_attn_norm, add_qk_layernorm
+from tinygpt_v.models.llm import (FAMILIES, QKNormAttention, add_norms_like, add_post_attn_norm, add_qk_layernorm,
+                                  added_norm_keys)
 from tinygpt_v.models.parameters import parameter_groups
 from tinygpt_v.registry import ConfigError
 from tinygpt_v.training.trainer import Trainer
@@ -78,6 +79,27 @@ def test_added_norms_as_identities_give_the_family_layer_exactly(model_type):
                 setattr(layer, name, nn.Identity())
     assert torch.equal(normed(ids).logits, expected)
     assert not torch.allclose(changed, expected, atol=1e-3)  # the real norms do act
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "phi3"])
+def test_added_norms_survive_a_round_trip_through_transformers(model_type, tmp_path):
+    """What a quantised copy needs: transformers' class drops the added norms; add_norms_like puts
+    them back with their weights and eps."""
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TOY_LLM)).eval()
+    add_qk_layernorm(source, 1e-4)
+    add_post_attn_norm(source, 1e-3)
+    for name, param in source.named_parameters():
+        if "layernorm" in name:
+            param.data.normal_()
+    added = added_norm_keys(source)
+    assert len(added) == 2 * 5  # per layer: q/k LayerNorm weight + bias, the RMSNorm weight
+    source.save_pretrained(tmp_path, state_dict={k: v for k, v in source.state_dict().items() if k not in added})
+    rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    add_norms_like(rebuilt, source)
+    ids = torch.randint(1, 1024, (1, 6))
+    assert torch.equal(rebuilt(ids).logits, source(ids).logits)
+    assert rebuilt.model.layers[1].post_layernorm.eps == 1e-3
 
 
 def test_qwen3_keeps_its_own_qk_norm_and_gemma2_its_own_post_attention_norm():

@@ -507,3 +507,33 @@ def family_lora_settings(section: dict, model_type: str) -> dict:
     if section.get("target_modules") is None:
         section["target_modules"] = list(FAMILIES[model_type].lora_targets)
     return lora_settings(**section)
+
+
+# --- rebuilding an LLM of the same family (a quantised copy, a reload through transformers) ---------
+
+def added_norm_keys(llm: nn.Module) -> set[str]:
+    """State-dict keys of the norms TinyGPT-V added as modules (no transformers class has them, so
+    a save_pretrained / from_pretrained round trip through transformers drops them)."""
+    keys = set()
+    for name, module in llm.named_modules():
+        added = ("q_layernorm", "k_layernorm") if isinstance(module, QKNormAttention) else ()
+        added += ("post_layernorm",) if isinstance(module, (PostNormDecoderLayer, PhiDecoderLayerWithPostNorm)) else ()
+        keys |= {f"{name}.{child}.{p}" for child in added for p, _ in getattr(module, child).named_parameters()}
+    return keys
+
+
+def add_norms_like(target: PreTrainedModel, source: nn.Module) -> None:
+    """Give `target` (the same family rebuilt by transformers) the norm modules `source` has, at
+    the same eps and with the same weights (fp32)."""
+    modules = dict(source.named_modules())
+    qk = next((m for m in modules.values() if isinstance(m, QKNormAttention)), None)
+    post = next((m for m in modules.values() if isinstance(m, (PostNormDecoderLayer, PhiDecoderLayerWithPostNorm))),
+                None)
+    if qk is not None:
+        add_qk_layernorm(target, qk.q_layernorm.eps)
+    if post is not None:
+        add_post_attn_norm(target, post.post_layernorm.eps)
+    state = source.state_dict()
+    result = target.load_state_dict({key: state[key].float() for key in added_norm_keys(source)}, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"added norms not placed: {result.unexpected_keys[:3]}")
