@@ -243,8 +243,8 @@ class TinyGPTV(nn.Module):
     def num_image_tokens(self, images: torch.Tensor | None, features: torch.Tensor | None = None) -> int:
         if images is None and features is None:
             return 0
-        if self.qformer is not None:
-            return self.qformer.query_tokens.shape[1]
+        if self.qformer is not None:  # (DeepSpeed ZeRO-3 partitions it: its shape is then ds_shape)
+            return getattr(self.qformer.query_tokens, "ds_shape", self.qformer.query_tokens.shape)[1]
         if features is not None:
             num_tokens = features.shape[1]
         else:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,6 +123,7 @@ class Plan:
     """Settled before the Accelerator is built."""
     mode: str
     cpu: bool              # Accelerator(cpu=...)
+    cuda: bool             # a GPU is visible
     launcher: Launcher
     micro_batch: int       # per process and micro-batch (the largest dataset batch of the mix)
 
@@ -138,11 +140,13 @@ def plan_run(run, datasets: Mapping | None, env: Mapping[str, str] = os.environ,
     # device auto without a GPU under a launcher: CPU with gloo. Left to accelerate, a process
     # without an accelerator device is a single-process run, N of them into one folder.
     cpu = run.device == "cpu" or (launched and not cuda)
-    if mode in ("zero2", "zero3") and cpu:
-        why = "run.device is cpu" if run.device == "cpu" else "no GPU is visible"
-        raise DistributedSetupError(
-            f"run.distributed.mode {mode} (DeepSpeed ZeRO through accelerate) needs GPUs, and {why}: on CPU use "
-            f"mode fsdp2 (sharded) or ddp")
+    if mode in ("zero2", "zero3"):
+        if run.device == "cpu":
+            raise DistributedSetupError(
+                f"run.distributed.mode {mode} (DeepSpeed through accelerate) cannot run with run.device: cpu "
+                f"(accelerate then leaves DeepSpeed out): set run.device: auto (DeepSpeed's CPU accelerator is "
+                f"used when no GPU is visible), or use mode fsdp2 / ddp on CPU")
+        cpu = False  # DeepSpeed places the model itself
     if mode == "fsdp2" and run.mixed_precision == "fp16":
         raise DistributedSetupError(
             "run.distributed.mode fsdp2 with run.mixed_precision fp16 would need a sharded gradient scaler: use "
@@ -150,7 +154,7 @@ def plan_run(run, datasets: Mapping | None, env: Mapping[str, str] = os.environ,
     if env.get("ACCELERATE_USE_CPU", "false").lower() == "true" and run.device != "cpu" and cuda:
         raise DistributedSetupError("accelerate's config says use_cpu but run.device is auto and a GPU is visible: "
                                     "set run.device: cpu, or drop use_cpu from the accelerate config")
-    return Plan(mode, cpu, launcher, micro_batch_size(datasets))
+    return Plan(mode, cpu, cuda, launcher, micro_batch_size(datasets))
 
 
 def micro_batch_size(datasets: Mapping | None) -> int:
@@ -167,6 +171,9 @@ def accelerator_kwargs(plan: Plan, run) -> dict:
     kwargs = {"cpu": plan.cpu}
     if plan.mode in ("zero2", "zero3"):
         kwargs["deepspeed_plugin"] = deepspeed_plugin(plan, run)
+        if not plan.cuda:  # DeepSpeed's CPU accelerator; accelerate would pick no backend at all
+            from accelerate import InitProcessGroupKwargs
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return kwargs
 
 
@@ -197,13 +204,33 @@ def deepspeed_config(plan: Plan, run, launched_config: dict | None = None) -> di
 
 def deepspeed_plugin(plan: Plan, run):
     from accelerate.utils import DeepSpeedPlugin
+    # zero3_init_flag off: the model is built whole (see model_built_whole)
     plugin = DeepSpeedPlugin(zero_stage=int(plan.mode[-1]), gradient_accumulation_steps=run.accum_grad_iters,
-                             zero3_save_16bit_model=True)
+                             zero3_save_16bit_model=True, zero3_init_flag=False)
     config = deepspeed_config(plan, run, plugin.deepspeed_config)
     plugin.deepspeed_config.clear()
     plugin.deepspeed_config.update(config)
     plugin.gradient_clipping = config["gradient_clipping"]
     return plugin
+
+
+@contextmanager
+def model_built_whole(accelerator):
+    """Build the model outside `deepspeed.zero.Init`: with a ZeRO-3 config registered,
+    transformers would create the LLM already partitioned (its random init drawn differently
+    from every other mode, and partitioned before our post-norm / fused-q/k/v / LoRA surgery).
+    The engine partitions the whole model afterwards; the cost is one full copy per process
+    while it is built."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # as accelerate left it (transformers' generate reads it)
 
 
 def check_started(accelerator, plan: Plan) -> None:

@@ -29,7 +29,8 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from ..config import to_plain
-from .distributed import accelerator_kwargs, check_started, describe, full_tensor, plan_run, shard_fsdp2
+from .distributed import (accelerator_kwargs, check_started, describe, full_tensor, model_built_whole, plan_run,
+                          shard_fsdp2)
 from .checkpointing import (FINAL, ResumeError, check_same_run, checkpoint_problems,
                             exclude_model_from_accelerate_state, latest_checkpoint, list_checkpoints, load_resume_state,
                             prune_checkpoints, read_meta, save_checkpoint, set_aside, unreadable_checkpoints)
@@ -91,7 +92,8 @@ class Trainer:
                                          prefetch=self.run.prefetch, device=self.accelerator.device)
         check_built_datasets(self.config["model"], self.loader.datasets)
         set_seed(self.run.seed)  # the same on every process: identical initial weights
-        model = build_model(cfg.model, verbose=self.accelerator.is_main_process)
+        with model_built_whole(self.accelerator):  # not inside DeepSpeed's zero.Init
+            model = build_model(cfg.model, verbose=self.accelerator.is_main_process)
         self.feature_cache = setup_input_pipeline(  # tokenise in the loader; run.feature_cache
             self.loader, model, self.run, list(self.config["model"].get("trainable", ["projection"])),
             num_processes=self.accelerator.num_processes, is_main_process=self.accelerator.is_main_process)
