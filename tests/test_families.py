@@ -133,6 +133,21 @@ def test_default_lora_targets_and_norm_groups_per_family(model_type):
     assert not any(p.requires_grad for p in groups["llm"].values())
 
 
+def test_pretrained_folder_of_a_family_loads_its_weights_and_gains_the_norms(tmp_path):
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TOY_LLM))
+    saved.save_pretrained(tmp_path / "qwen2")
+    section = family_section("qwen2", **{"llm.pretrained": str(tmp_path / "qwen2"), "llm.config": None})
+    model = build_model(section, verbose=False)
+    weights = {k.replace(".base_layer", ""): v for k, v in model.llm.get_base_model().state_dict().items()}
+    assert all(torch.equal(weights[k], v) for k, v in saved.state_dict().items())
+    assert hasattr(decoder_layers(model)[0], "post_layernorm")
+    assert hasattr(decoder_layers(model)[0].self_attn, "q_layernorm")
+    section["llm"]["model_type"] = "llama"  # the YAML says one family, the folder holds another
+    with pytest.raises(ConfigError, match=r"model\.llm\.model_type.*'qwen2'"):
+        build_model(section, verbose=False)
+
+
 def test_fused_qkv_is_refused_for_other_families_naming_the_key():
     with pytest.raises(ConfigError, match=r"model\.lora\.fused_qkv.*'qwen2'"):
         build_model(family_section("qwen2", **{"lora.fused_qkv": True}), verbose=False)
