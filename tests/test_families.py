@@ -153,6 +153,17 @@ def test_fused_qkv_is_refused_for_other_families_naming_the_key():
         build_model(family_section("qwen2", **{"lora.fused_qkv": True}), verbose=False)
 
 
+def test_a_family_without_an_entry_needs_its_lora_targets_named():
+    section = family_section("qwen2", **{"llm.qk_layernorm": False, "llm.post_attn_norm": False})
+    section["llm"]["model_type"] = "gpt2"
+    section["llm"]["config"] = {"vocab_size": 1024, "n_embd": 64, "n_layer": 1, "n_head": 4}
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules.*'gpt2'"):
+        build_model(section, verbose=False)
+    section["lora"]["target_modules"] = ["c_attn"]
+    model = build_model(section, verbose=False)
+    assert any(".c_attn.lora_A" in name for name, _ in model.named_parameters())
+
+
 def test_a_family_without_an_entry_is_named_when_norms_are_asked_for():
     section = family_section("qwen2")
     section["llm"]["model_type"] = "gpt2"

@@ -497,7 +497,7 @@ def family_lora_settings(section: dict, model_type: str) -> dict:
     fused adapter); another family defaults to per-projection adapters on its own projection
     names (FAMILIES[...].lora_targets) and refuses `fused_qkv: true`."""
     section = dict(section)
-    if model_type in FUSED_QKV_ATTENTIONS or model_type not in FAMILIES:
+    if model_type in FUSED_QKV_ATTENTIONS:
         return lora_settings(**section)
     if section.get("fused_qkv"):
         raise ConfigError("model.lora.fused_qkv", f"a fused q/k/v adapter exists only for model_type "
@@ -505,6 +505,9 @@ def family_lora_settings(section: dict, model_type: str) -> dict:
                                                   f"set fused_qkv: false (or leave it out)")
     section["fused_qkv"] = False
     if section.get("target_modules") is None:
+        if model_type not in FAMILIES:
+            raise ConfigError("model.lora.target_modules", f"model_type '{model_type}' has no family entry with "
+                                                           f"default LoRA targets; name its projections")
         section["target_modules"] = list(FAMILIES[model_type].lora_targets)
     return lora_settings(**section)
 

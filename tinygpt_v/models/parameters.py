@@ -30,6 +30,9 @@ _PREFIX_GROUPS = (
 
 
 def is_norm(module: nn.Module) -> bool:
+    """torch's norms and every transformers norm class by its name: LlamaRMSNorm, Qwen2RMSNorm,
+    Qwen3RMSNorm (also its q_norm / k_norm), MistralRMSNorm, GemmaRMSNorm, Gemma2RMSNorm,
+    Phi3RMSNorm, Phi's LayerNorms, and the norms models/llm.py adds (LayerNorm, RMSNorm)."""
     name = type(module).__name__
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm"))
 
