@@ -169,6 +169,10 @@ def accelerator_kwargs(plan: Plan, run) -> dict:
     """Arguments for Accelerator beyond the common ones: the CPU switch and, for ZeRO, a
     DeepSpeed plugin with its micro-batch filled in."""
     kwargs = {"cpu": plan.cpu}
+    if plan.mode == "fsdp2":
+        # the sharding is ours (shard_fsdp2); accelerate's own FSDP, which accelerate launch's FSDP
+        # config switches on through this variable, would wrap the model a second time
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
     if plan.mode in ("zero2", "zero3"):
         kwargs["deepspeed_plugin"] = deepspeed_plugin(plan, run)
         if not plan.cuda:  # DeepSpeed's CPU accelerator; accelerate would pick no backend at all
