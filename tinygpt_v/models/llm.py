@@ -115,8 +115,7 @@ class QKNormAttention:
         with torch.device("meta"):
             new = cls(attention.config, attention.layer_idx)
         _adopt(new, attention)
-        heads = {"q_layernorm": new.config.num_attention_heads, "k_layernorm": new.config.num_key_value_heads}
-        for name in heads:
+        for name in ("q_layernorm", "k_layernorm"):  # one LayerNorm over head_dim, shared by the heads (Phi's)
             setattr(new, name, LayerNorm(new.head_dim, eps=eps, device=_device_of(attention), dtype=torch.float32))
         return new
 
@@ -136,7 +135,7 @@ class QKNormAttention:
         return extra
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        family = sys.modules[type(self).__mro__[2].__module__]  # [0] this class, [1] the mixin, [2] the family's
+        family = _family_module(type(self), QKNormAttention)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query, key, value = (t.view(hidden_shape) for t in self._project(hidden_states))
@@ -180,6 +179,12 @@ class PostNormDecoderLayer:
         residual = hidden_states
         feed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + _dropout(self, "resid_mlp_dropout", feed_forward)
+
+
+def _family_module(cls: type, mixin: type):
+    """The transformers modeling module of the family class that `mixin` was combined with."""
+    mro = cls.__mro__
+    return sys.modules[mro[mro.index(mixin) + 1].__module__]
 
 
 def _dropout(layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
