@@ -281,12 +281,35 @@ def test_shipped_configs_check_the_toy_export(tmp_path):
     meta = export_custom_formats(str(tmp_path / "toy"), n_images=30)
     assert meta["images"] == 30
     for builder, name in (("qa_jsonl", "qa.jsonl"), ("llava_json", "llava.json")):
-        options = ["--options", f"paths.data={tmp_path}/toy/{name}", f"paths.images={tmp_path}/toy/images",
+        options = ["--options", f"paths.data={tmp_path}/toy/{name}", f"paths.images={tmp_path}/toy",
                    f"datasets.custom.builder={builder}"]
         assert check_data.main(["--cfg-path", str(REPO / "train_configs/finetune_demo.yaml"), *options]) == 0
-    both = [read_custom_file(f"{tmp_path}/toy/{n}", f, f"{tmp_path}/toy/images") for f, n in
+    both = [read_custom_file(f"{tmp_path}/toy/{n}", f, f"{tmp_path}/toy") for f, n in
             (("qa", "qa.jsonl"), ("llava", "llava.json"))]
     assert [r.id for r in both[0].split("heldout", 0.2)] == [r.id for r in both[1].split("heldout", 0.2)]
     assert isinstance(build_dataset("custom", {"builder": "qa_jsonl", "batch_size": 1,
                                                "ann_path": f"{tmp_path}/toy/qa.jsonl",
-                                               "image_root": f"{tmp_path}/toy/images"}), CustomDataset)
+                                               "image_root": f"{tmp_path}/toy"}), CustomDataset)
+
+
+# --- the shipped fine-tuning configs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train, evaluation", [("finetune", "finetune"), ("finetune_demo", "finetune_demo")])
+def test_finetune_configs_load_and_split_alike(tmp_path, train, evaluation):
+    """Training and evaluation configs validate, and select the same held-out rows, asked alike."""
+    from tinygpt_v.config import load_config
+    from tinygpt_v import evaluation as _  # noqa: F401  (registers the evaluation section)
+    dummy = tmp_path / "ckpt.pth"
+    dummy.write_bytes(b"")
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_QA])
+    no_weights = [f"model.{part}.pretrained=null" for part in ("vision", "qformer", "llm")] if train == "finetune" else []
+    common = [f"paths.data={data}", f"paths.images={tmp_path}", *no_weights]
+    trained = load_config(REPO / f"train_configs/{train}.yaml", common + [f"model.ckpt={dummy}"])
+    scored = load_config(REPO / f"eval_configs/{evaluation}.yaml", common + [f"evaluation.checkpoint={dummy}"])
+    entry, bench = trained.datasets.custom, scored.evaluation.benchmarks.custom
+    assert {"qa_jsonl": "qa", "llava_json": "llava"}[entry.builder] == bench.format
+    assert (entry.ann_path, entry.image_root) == (bench.annotations, bench.image_root)
+    assert (entry.heldout_fraction, entry.instruction) == (bench.heldout_fraction, bench.instruction)
+    assert trained.model.prompt_template == scored.model.prompt_template
+    assert entry.split == "train" and bench.split == "heldout"
+    assert trained.run.get("gradient_checkpointing", False) == (train == "finetune")  # the 24 GB recipe

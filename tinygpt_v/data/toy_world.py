@@ -435,8 +435,8 @@ def export_custom_formats(out_dir: str, seed: int = 1, n_images: int = 400, imag
     scenes = [random_scene(500000 + i, w.rng, image_size) for i in range(n_images)]
     qa, llava = [], []
     for scene in scenes:
-        name = f"{scene.image_id}.jpg"
-        w.image(scene, "images", name)
+        name = f"images/{scene.image_id}.jpg"  # relative to the files: also chat --batch's convention
+        w.image(scene, name)
         question, answer = corners_question(scene, w.rng)
         qa.append({"id": str(scene.image_id), "image": name, "question": question, "answer": answer})
         record = _llava_record(scene, [(question, answer), ("what colour is the background?", scene.background)])
