@@ -4,9 +4,10 @@
 
 Writes `<out>/images/*.jpg`, `<out>/qa.jsonl` ({"id", "image", "question", "answer"} a line) and
 `<out>/llava.json` (LLaVA conversations: the same question, then the background colour), both
-with the same ids and image names relative to `<out>`, and README.json (chance and majority-answer accuracy). Every question asks
-"how many corners does the <colour> shape have?" (none / three / four). train_configs/
-finetune_demo.yaml fine-tunes the demo's stage-4 model on it; see the README section "Fine-tune on your data".
+with the same ids and image names relative to `<out>`, and README.json (chance and
+majority-answer accuracy). Every question asks "how many corners does the <colour> shape have?"
+(none / three / four). train_configs/finetune_demo.yaml fine-tunes the demo's stage-4 model on
+it; see the README section "Fine-tune on your data".
 """
 from __future__ import annotations
 

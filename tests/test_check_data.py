@@ -99,7 +99,8 @@ def test_llava_rows_each_problem_named_with_its_line(tmp_path, images):
         llava("a.jpg", "<image><image> twice", "no", id="4"),                 # two markers
         llava("a.jpg", "<image> q", id="5"),                                  # no answer
         llava("a.jpg", "<image> q", "a", "dangling", id="6"),                 # odd number of turns
-        {"id": "7", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
+        {"id": "7", "image": "a.jpg",                                         # gpt speaks first
+         "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
         {"id": "8", "image": "a.jpg"},                                        # no conversations
         {"id": "9", "image": "a.jpg", "conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]},
         llava("a.jpg", "<image>", "a", id="10"),                              # nothing but the marker
@@ -171,7 +172,8 @@ def test_token_count_equals_the_models_own_sequence(tiny_model, tmp_path, images
 
 def test_over_long_samples_are_reported_against_max_txt_len(tmp_path, images):
     long_answer = " ".join(["the red square is on the left of the picture"] * 20)
-    path = write_jsonl(tmp_path / "data.jsonl", [GOOD_QA, {"image": "b.jpg", "question": "describe", "answer": long_answer}])
+    path = write_jsonl(tmp_path / "data.jsonl",
+                       [GOOD_QA, {"image": "b.jpg", "question": "describe", "answer": long_answer}])
     dataset = build_dataset("mine", {"builder": "qa_jsonl", "batch_size": 1, "ann_path": path,
                                      "image_root": str(images), "split": "all"})
     model = tiny_model_section(max_txt_len=32)
@@ -302,7 +304,8 @@ def test_finetune_configs_load_and_split_alike(tmp_path, train, evaluation):
     dummy = tmp_path / "ckpt.pth"
     dummy.write_bytes(b"")
     data = write_jsonl(tmp_path / "data.jsonl", [GOOD_QA])
-    no_weights = [f"model.{part}.pretrained=null" for part in ("vision", "qformer", "llm")] if train == "finetune" else []
+    parts = ("vision", "qformer", "llm") if train == "finetune" else ()  # no weight files needed to load
+    no_weights = [f"model.{part}.pretrained=null" for part in parts]
     common = [f"paths.data={data}", f"paths.images={tmp_path}", *no_weights]
     trained = load_config(REPO / f"train_configs/{train}.yaml", common + [f"model.ckpt={dummy}"])
     scored = load_config(REPO / f"eval_configs/{evaluation}.yaml", common + [f"evaluation.checkpoint={dummy}"])
@@ -313,3 +316,24 @@ def test_finetune_configs_load_and_split_alike(tmp_path, train, evaluation):
     assert trained.model.prompt_template == scored.model.prompt_template
     assert entry.split == "train" and bench.split == "heldout"
     assert trained.run.get("gradient_checkpointing", False) == (train == "finetune")  # the 24 GB recipe
+
+
+def test_llava_json_builds_the_samples_llava_conversation_builds(tmp_path, images):
+    """Same file, same text: the custom builder adds checks and a split, not another format."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([llava("a.jpg", "What is\nit?\n<image>", "A red square.", "Sure?", "Yes.", id="1"),
+                                llava("b.jpg", "<image>\nAnd this?", " Blue. ", id="2")]))
+    options = {"batch_size": 1, "ann_path": str(path), "image_root": str(images)}
+    ours = build_dataset("mine", dict(options, builder="llava_json", split="all"))
+    theirs = build_dataset("llava_conversation", options)
+    turns = lambda text: text if isinstance(text, list) else [text]  # noqa: E731  (collate's view)
+    for index in range(2):
+        a, b = ours.load_checked(index, random.Random(0)), theirs.load_checked(index, random.Random(0))
+        assert (turns(a["prompt"]), turns(a["answer"]), a["id"]) == (b["prompt"], b["answer"], b["id"])
+
+
+def test_an_instruction_without_a_slot_for_the_question_is_a_config_error(tmp_path, images):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD_QA])
+    with pytest.raises(ConfigError, match=r"datasets\.mine\.instruction: '\[vqa\]' has no \{\}"):
+        build_dataset("mine", {"builder": "qa_jsonl", "batch_size": 1, "ann_path": path, "image_root": str(images),
+                               "instruction": "[vqa]"})
