@@ -240,9 +240,9 @@ def test_benchmark_scores_the_training_entrys_heldout_rows(tmp_path, images):
     trained = dataset.load_checked(0, random.Random(0))
     assert samples[0].prompt == trained["prompt"]  # asked exactly as taught
     rows = [{"prediction": p, "target": {"answers": ["red"]}} for p in ("red", " Red ", "red.", "blue")]
-    assert bench.score(rows, "exact_match") == {"exact_match": 50.0}
-    # one answer counts as ten identical human answers: only "red" as written matches them
-    assert bench.score(rows, "official") == {"accuracy": 25.0}
+    # exact match: stripped, case-folded; VQA accuracy: one answer counts as ten identical human
+    # answers, and only "red" as written matches them
+    assert bench.score(rows, "official") == {"accuracy": 25.0, "exact_match": 50.0}
 
 
 # --- scripts/check_data.py --------------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ def run(cwd, *args, timeout=300) -> str:
 
 
 def accuracy(stdout: str, metric: str = "accuracy") -> float:
-    row = re.search(rf"\| custom \| {metric} \| ([\d.-]+) \| ([\d.-]+) \| (\d+) \|", stdout)
+    row = re.search(rf"\| custom \| {metric} \| ([\d.]+) \| (\d+) \|", stdout)
     assert row, stdout[-2000:]
-    return float(row.group(1) if metric == "accuracy" else row.group(2))
+    return float(row.group(1))
 
 
 def stage4_checkpoint(work) -> None:

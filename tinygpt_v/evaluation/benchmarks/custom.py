@@ -6,10 +6,12 @@ split (`split: heldout` with the training entry's `heldout_fraction`: the ids ha
 way). The prompt is the training prompt (`instruction` as in the training entry), so the model is
 asked exactly as it was taught. A LLaVA conversation is scored on its first answer.
 
-Scorings: `official` = VQA accuracy with the official scorer (GT-Vision-Lab's vqaEval.py,
-`metrics.vqa_accuracy_official`) against the human answers: a `qa` row's list of answers as they
-are (VQAv2 has ten), a single answer as ten identical ones (LAVIS's convention, so a match is
-100% and anything else 0%); `exact_match` = the reply, stripped and case-folded, equals an accepted answer likewise.
+Scoring `official` reports two metrics: `accuracy`, VQA accuracy with the official scorer
+(GT-Vision-Lab's vqaEval.py, `metrics.vqa_accuracy_official`) against the human answers (a `qa`
+row's list of answers as they are, VQAv2 has ten; a single answer as ten identical ones, LAVIS's
+convention, so a match is 100% and anything else 0%), and `exact_match`, the reply stripped and
+case-folded equal to an accepted answer likewise.
+
 Rows the data check rejects are left out and named on stderr (scripts/check_data.py reports all).
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ class CustomVQA(Benchmark):
     split: Literal["heldout", "train", "all"] = "heldout"
     heldout_fraction: float = 0.05
     instruction: str = "{}"
-    SCORINGS: ClassVar[tuple[str, ...]] = ("official", "exact_match")
+    SCORINGS: ClassVar[tuple[str, ...]] = ("official",)
 
     def load(self) -> list[Sample]:
         try:
@@ -65,8 +67,7 @@ class CustomVQA(Benchmark):
         return samples
 
     def score_official(self, rows: list[dict]) -> dict[str, float]:
-        return accuracy_by(rows, lambda row: vqa_accuracy_official(row["prediction"], human_answers(row)))
-
-    def score_exact_match(self, rows: list[dict]) -> dict[str, float]:
-        return accuracy_by(rows, lambda row: exact_match(row["prediction"], row["target"]["answers"]),
-                           metric="exact_match")
+        vqa = accuracy_by(rows, lambda row: vqa_accuracy_official(row["prediction"], human_answers(row)))
+        exact = accuracy_by(rows, lambda row: exact_match(row["prediction"], row["target"]["answers"]),
+                            metric="exact_match")
+        return {**vqa, **exact}
