@@ -337,3 +337,13 @@ def test_an_instruction_without_a_slot_for_the_question_is_a_config_error(tmp_pa
     with pytest.raises(ConfigError, match=r"datasets\.mine\.instruction: '\[vqa\]' has no \{\}"):
         build_dataset("mine", {"builder": "qa_jsonl", "batch_size": 1, "ann_path": path, "image_root": str(images),
                                "instruction": "[vqa]"})
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_row(tmp_path, images):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(dict(GOOD_QA, id=0)).encode() + b"\n" +
+                     b'{"image": "b.jpg", "question": "caf\xe9?", "answer": "x"}\n' +
+                     json.dumps({"image": "c.jpg", "question": "q?", "answer": "green"}).encode() + b"\n")
+    found, source = problems_of(path, "qa", images)
+    assert found == [(2, "malformed_json")] and "UTF-8" in source.problems[0].detail
+    assert [row.id for row in source.rows] == ["0", "c.jpg|q?"]  # id 0 is an id; no id: image and question

@@ -117,18 +117,23 @@ def read_numbered_records(path: str, key: str) -> tuple[list[tuple[int, object]]
     require_file(path, key)
     with open(os.path.expanduser(path), "rb") as f:
         data = f.read()
+    if path.endswith(".jsonl"):
+        return _jsonl_records(data)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(key, f"{path}: not UTF-8 text (byte {e.start}); the file must be UTF-8") from None
-    if path.endswith(".jsonl"):
-        return _jsonl_records(text)
+        raise ConfigError(key, f"{path}: not UTF-8 text (byte {e.start}); JSON files must be UTF-8") from None
     return _json_list_records(text, path, key), []
 
 
-def _jsonl_records(text: str) -> tuple[list[tuple[int, object]], list[Problem]]:
+def _jsonl_records(data: bytes) -> tuple[list[tuple[int, object]], list[Problem]]:
     records, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(Problem(lineno, "malformed_json", f"not UTF-8 text (byte {e.start} of the line)"))
+            continue
         if not line.strip():
             continue
         try:
@@ -193,7 +198,7 @@ def parse_qa(line: int, record) -> Row:
         raise BadRow("empty_question", "the question is empty")
     if not all(a.strip() for a in accepted):
         raise BadRow("empty_answer", "the answer is empty")
-    sample_id = str(record.get("id") or f"{image}|{question.strip()}")
+    sample_id = str(record["id"]) if record.get("id") is not None else f"{image}|{question.strip()}"
     return Row(line, sample_id, image, [question.strip()], [accepted[0]], list(accepted))
 
 
@@ -217,7 +222,7 @@ def parse_llava(line: int, record) -> Row:
     for turn, text in enumerate(answers):
         if not text.strip():
             raise BadRow("empty_answer", f"answer {turn + 1} is empty")
-    sample_id = str(record.get("id") or f"{image}|{first}")
+    sample_id = str(record["id"]) if record.get("id") is not None else f"{image}|{first}"
     return Row(line, sample_id, image, questions, answers, [answers[0]])
 
 
