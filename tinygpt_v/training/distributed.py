@@ -271,6 +271,14 @@ def describe(accelerator, plan: Plan, accum: int) -> str:
             f"= global batch {plan.micro_batch * accum * n}")
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory: allocated on the GPU, or resident (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 # --- FSDP2 ----------------------------------------------------------------------------------------
 
 def shard_fsdp2(model: nn.Module, device: torch.device, mixed_precision: str = "no",

@@ -29,8 +29,8 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from ..config import to_plain
-from .distributed import (accelerator_kwargs, check_started, describe, full_tensor, model_built_whole, plan_run,
-                          shard_fsdp2)
+from .distributed import (accelerator_kwargs, check_started, describe, full_tensor, model_built_whole,
+                          peak_memory_gib, plan_run, shard_fsdp2)
 from .checkpointing import (FINAL, ResumeError, check_same_run, checkpoint_problems,
                             exclude_model_from_accelerate_state, latest_checkpoint, list_checkpoints, load_resume_state,
                             prune_checkpoints, read_meta, save_checkpoint, set_aside, unreadable_checkpoints)
@@ -157,12 +157,14 @@ class Trainer:
             try:
                 self._loop(last)
                 final = self._save(FINAL)
+                peak = self.accelerator.gather(torch.tensor([peak_memory_gib(self.accelerator.device)],
+                                                            device=self.accelerator.device)).max().item()
             finally:
                 self.progress.close()
                 self.accelerator.end_training()
         finally:
             self.close()
-        self._finish(start_step, time.perf_counter() - started, final)
+        self._finish(start_step, time.perf_counter() - started, final, peak)
         return final
 
     def _loop(self, last: int) -> None:
@@ -349,7 +351,7 @@ class Trainer:
             values["train/grad_norm"] = result.grad_norm
         self.accelerator.log(values, step=self.step)
 
-    def _finish(self, start_step: int, seconds: float, final: Path) -> None:
+    def _finish(self, start_step: int, seconds: float, final: Path, peak_gib: float) -> None:
         if not self.accelerator.is_main_process:
             return
         records = self.metrics.read()
@@ -363,6 +365,9 @@ class Trainer:
               f"({steps / max(seconds, 1e-9):.2f} steps/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s); "
               f"final loss {final_loss:.4f} (mean of last {len(tail)} steps); checkpoint {final}; curves {curves}",
               flush=True)
+        memory = "GPU memory allocated" if self.accelerator.device.type == "cuda" else "resident memory"
+        print(f"peak {memory}: {peak_gib:.2f} GiB per process (the largest of {self.accelerator.num_processes}); "
+              f"{describe(self.accelerator, self.plan, self.run.accum_grad_iters)}", flush=True)
         for line in getattr(self.loader, "health_summary", list)():  # samples used / skipped per dataset
             print(line, flush=True)
 
