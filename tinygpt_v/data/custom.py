@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from collections import Counter
@@ -54,6 +55,8 @@ from ..registry import DATASETS, PROCESSORS, Bound, ConfigError, LocalPath, Part
 from .base import IMAGE_MARKER, MapDataset, SkipSample, build_processors, require_dir, require_file
 from .images import load_image
 from .prompts import image_instruction
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VIS = {"name": "blip2_image_train", "image_size": 448}
 LLAVA_MARKER = "<image>"
@@ -351,8 +354,8 @@ def _build(fmt: str, ann_path: str, image_root: str, split: str, heldout_fractio
     vis, text = build_processors(vis_processor, text_processor, DEFAULT_VIS)
     source = read_custom_file(ann_path, fmt, require_dir(image_root, "image_root"))
     dataset = CustomDataset(source, split, heldout_fraction, instruction, max_bad_fraction, vis, text)
-    for problem in source.problems:  # counted in the run's health summary, logged (first few)
-        dataset.skips.add(problem.kind, problem.describe(ann_path))
+    # counted in the run's health summary; preflight logs (or refuses with) the report by line
+    dataset.skips.counts.update(problem.kind for problem in source.problems)
     if not dataset.records:
         raise ConfigError("ann_path", f"{ann_path}: no usable rows in split {split!r} ({len(source.rows)} good, "
                                       f"{len(source.problems)} bad of {source.total}); "
@@ -444,6 +447,9 @@ def preflight(datasets: Mapping, tokenizer=None, *, model: Mapping | None = None
             if report.refused:
                 raise ConfigError(f"datasets.{report.name}", "refusing the data: " + "\n".join(report.lines()) +
                                   "\n(fix the rows, or raise max_bad_fraction; scripts/check_data.py prints all)")
+            if report.problems:
+                log.warning("%s\n(these rows are left out or cut; scripts/check_data.py prints all)",
+                            "\n".join(report.lines()))
     return reports
 
 
