@@ -47,6 +47,21 @@ def test_read_launcher_from_torchrun_and_accelerate_environments(tmp_path):
     assert Launcher(4, 2, None).nodes == 2 and Launcher(None, None, None).nodes == 1
 
 
+def test_fsdp2_takes_accelerates_fsdp_over_and_the_next_stage_still_sees_it(monkeypatch):
+    """The trainer switches accelerate's own FSDP off (it shards itself); a pipeline's next stage,
+    in the same process, must still resolve `auto` to fsdp2, not fall back to DDP."""
+    from tinygpt_v.training.distributed import accelerator_kwargs
+    for name, value in ACCELERATE_FSDP2.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TINYGPT_V_LAUNCHED_FSDP_VERSION", raising=False)
+    first = plan_run(run_settings(), None, cuda=True)
+    assert first.mode == "fsdp2"
+    accelerator_kwargs(first, run_settings())
+    import os
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"
+    assert plan_run(run_settings(), None, cuda=True).mode == "fsdp2"
+
+
 def test_auto_follows_the_launcher_and_a_disagreement_is_refused():
     assert resolve_mode("auto", read_launcher(TORCHRUN_2)) == "ddp"
     assert resolve_mode("auto", read_launcher(ACCELERATE_FSDP2)) == "fsdp2"

@@ -43,6 +43,7 @@ from torch import nn
 
 MODES = ("auto", "ddp", "fsdp2", "zero2", "zero3")
 CONFIGS = "configs/accelerate"
+FSDP_TAKEN_OVER = "TINYGPT_V_LAUNCHED_FSDP_VERSION"  # see accelerator_kwargs
 
 
 def distributed_schema(mode: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = "auto",
@@ -83,6 +84,8 @@ def read_launcher(env: Mapping[str, str] = os.environ) -> Launcher:
             mode = f"zero{_zero_stage_of_json(env['ACCELERATE_DEEPSPEED_CONFIG_FILE'])}"
     elif env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         mode = f"fsdp{env.get('FSDP_VERSION', '1')}"
+    elif env.get(FSDP_TAKEN_OVER):  # an earlier stage of this process took accelerate's FSDP over
+        mode = f"fsdp{env[FSDP_TAKEN_OVER]}"
     return Launcher(number("WORLD_SIZE"), number("LOCAL_WORLD_SIZE"), mode)
 
 
@@ -169,10 +172,12 @@ def accelerator_kwargs(plan: Plan, run) -> dict:
     """Arguments for Accelerator beyond the common ones: the CPU switch and, for ZeRO, a
     DeepSpeed plugin with its micro-batch filled in."""
     kwargs = {"cpu": plan.cpu}
-    if plan.mode == "fsdp2":
+    if plan.mode == "fsdp2" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         # the sharding is ours (shard_fsdp2); accelerate's own FSDP, which accelerate launch's FSDP
-        # config switches on through this variable, would wrap the model a second time
-        os.environ.pop("ACCELERATE_USE_FSDP", None)
+        # config switches on through this variable (read again at every clip), would wrap the model
+        # a second time. The launcher's request stays readable for the next stage of a pipeline.
+        os.environ[FSDP_TAKEN_OVER] = os.environ.get("FSDP_VERSION", "1")
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     if plan.mode in ("zero2", "zero3"):
         kwargs["deepspeed_plugin"] = deepspeed_plugin(plan, run)
         if not plan.cuda:  # DeepSpeed's CPU accelerator; accelerate would pick no backend at all
