@@ -114,3 +114,31 @@ def test_merging_lora_keeps_the_answers(pixels):
     answer = unmerged.generate(pixels, [PROMPT], apply_template=False, max_new_tokens=12)[0]
     torch.testing.assert_close(answer_logits(merged, pixels, answer), answer_logits(unmerged, pixels, answer),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_quantizing_a_llama_family_llm_keeps_every_added_norm():
+    """A Llama-style LLM carries TinyGPT-V's QK LayerNorm and post-attention RMSNorm as added
+    modules; the int8 copy (rebuilt by transformers) must have both back, with their weights."""
+    pytest.importorskip("bitsandbytes")
+    from omegaconf import OmegaConf
+
+    from tinygpt_v.inference.loading import quantize_llm
+    from tinygpt_v.models.llm import added_norm_keys
+    from conftest import REPO
+    section = OmegaConf.to_container(OmegaConf.load(REPO / "configs/models/tiny_siglip_llama.yaml").model, resolve=True)
+    section["lora"], section["trainable"] = None, ["projection"]  # quantisation comes after the LoRA merge
+    torch.manual_seed(0)
+    llm = build_model(section, verbose=False).llm
+    keys = added_norm_keys(llm)
+    assert any(".q_layernorm." in k for k in keys) and any(".post_layernorm." in k for k in keys)
+    with torch.no_grad():
+        for name, param in llm.named_parameters():
+            if name in keys:
+                param.normal_()  # trained values, not the init the rebuild would give
+    try:
+        quantized = quantize_llm(llm, "int8")
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"bitsandbytes cannot run int8 on this CPU: {e}")
+    state, quantized_state = llm.state_dict(), quantized.state_dict()
+    for key in keys:
+        assert torch.equal(quantized_state[key], state[key].float()), key

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from ..models import TinyGPTV, build_model
-from ..models.llm import add_post_attn_norm
+from ..models.llm import add_norms_like, added_norm_keys
 from ..registry import ConfigError
 from .settings import InferenceSettings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-POST_NORM = "post_layernorm"  # TinyGPT-V's extra RMSNorm, which no HF LLM class knows
 
 
 def load_model(source, settings: InferenceSettings | None = None) -> TinyGPTV:
@@ -150,9 +149,10 @@ def quantize_llm(llm: nn.Module, mode: str, dtype: torch.dtype = torch.float16,
     """A bitsandbytes int8 / nf4 copy of an (unwrapped) HF causal LM, on `device`.
 
     The weights go through transformers' own quantising loader (a temporary folder), which
-    works for any weights the model holds: pretrained, trained, or LoRA-merged. The
-    post-attention RMSNorms are not part of the HF class, so they are left out of the folder
-    and put back, in fp32, afterwards; the other non-Linear weights load in `dtype`.
+    works for any weights the model holds: pretrained, trained, or LoRA-merged. TinyGPT-V's
+    added norms (post-attention RMSNorm; QK LayerNorm where the family lacks one) are not part
+    of the HF class, so they are left out of the folder and put back, in fp32, afterwards; the
+    other non-Linear weights load in `dtype`.
     """
     if hasattr(llm, "peft_config"):
         raise ValueError("merge the LoRA adapters first (merged_llm) before quantising")
@@ -161,18 +161,12 @@ def quantize_llm(llm: nn.Module, mode: str, dtype: torch.dtype = torch.float16,
         # LLM.int8 computes in fp16 and logs the cast on every matmul: expected here, so quiet it
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     state = llm.state_dict()
-    post_norms = {name: t for name, t in state.items() if f".{POST_NORM}." in name}
+    added = added_norm_keys(llm)  # TinyGPT-V's norms: no transformers class has them
     with tempfile.TemporaryDirectory(prefix="tinygpt_v_quant_") as folder:
-        llm.save_pretrained(folder, state_dict={n: t for n, t in state.items() if n not in post_norms})
+        llm.save_pretrained(folder, state_dict={n: t for n, t in state.items() if n not in added})
         quantized = AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=bitsandbytes_config(mode, dtype), dtype=dtype,
             device_map={"": str(torch.device(device))})
-    if post_norms:
-        add_post_attn_norm(quantized, eps=_post_norm_eps(llm))
-        result = quantized.load_state_dict(post_norms, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
+    if added:
+        add_norms_like(quantized, llm)
     return quantized.eval()
-
-
-def _post_norm_eps(llm: nn.Module) -> float:
-    return next(m.eps for name, m in llm.named_modules() if name.endswith(POST_NORM))
