@@ -365,11 +365,11 @@ class Trainer:
               f"({steps / max(seconds, 1e-9):.2f} steps/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s); "
               f"final loss {final_loss:.4f} (mean of last {len(tail)} steps); checkpoint {final}; curves {curves}",
               flush=True)
+        for line in getattr(self.loader, "health_summary", list)():  # samples used / skipped per dataset
+            print(line, flush=True)
         memory = "GPU memory allocated" if self.accelerator.device.type == "cuda" else "resident memory"
         print(f"peak {memory}: {peak_gib:.2f} GiB per process (the largest of {self.accelerator.num_processes}); "
               f"{describe(self.accelerator, self.plan, self.run.accum_grad_iters)}", flush=True)
-        for line in getattr(self.loader, "health_summary", list)():  # samples used / skipped per dataset
-            print(line, flush=True)
 
 
 def _problem_report(checkpoint: Path, problems) -> str:
