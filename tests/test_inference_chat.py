@@ -211,8 +211,8 @@ def test_terminal_chat_loads_images_answers_resets_and_quits(model, tmp_path):
                            "never read"], out)
     text = out.getvalue()
     assert f"(new conversation about {image})" in text and "cannot read image '/no/such.png'" in text
-    assert "(conversation reset)" in text
-    assert session.questions == ["Hi"] and session.pixels is None
+    assert "(conversation reset; the image stays)" in text  # issue 20: /reset keeps the image
+    assert session.questions == ["Hi"] and session.pixels is not None
     assert text.count("Assistant: ") == 2
 
 

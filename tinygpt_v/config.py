@@ -106,7 +106,9 @@ def _load_with_defaults(path: Path, provenance: dict[str, str], chain: tuple[Pat
     if not path.is_file():
         if chain:
             raise ConfigError("defaults", f"config file not found: {path}", str(chain[-1]))
-        looked = [Path.cwd()] + ([] if path.is_absolute() else shipped_roots())
+        if path.is_absolute():
+            raise ConfigError("--cfg-path", f"config file not found: {path}")
+        looked = [Path.cwd()] + shipped_roots()
         raise ConfigError("--cfg-path", f"config file not found: {path} (looked in: "
                                         f"{', '.join(str(p) for p in _unique(looked))})")
     if path.resolve() in chain:

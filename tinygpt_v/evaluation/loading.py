@@ -131,6 +131,8 @@ def model_differences(wanted, recorded, prefix: str = "model") -> list[str]:
 
 
 def _show(value) -> str:
+    if isinstance(value, dict):  # a whole part on one side only: its name says enough
+        return f"a {value['name']} section" if "name" in value else "a section"
     text = "null" if value is None else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
