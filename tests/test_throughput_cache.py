@@ -15,7 +15,7 @@ from test_train_runner import fit, losses, tiny_config, trainable_weights
 from tinygpt_v.data import build_train_loader
 from tinygpt_v.models import build_model
 from tinygpt_v.registry import ConfigError
-from tinygpt_v.training.feature_cache import FeatureCache, setup_input_pipeline
+from tinygpt_v.training.feature_cache import FeatureCache, offload_if_complete, setup_input_pipeline
 
 
 class Run:
@@ -46,13 +46,16 @@ def batch_losses(model, toy_root, cache_dir=None, steps=3) -> tuple[list[torch.T
     return out, cache
 
 
-def test_loss_with_the_cache_equals_the_loss_without_bit_for_bit(toy_root, tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("qformer", [True, False], ids=["qformer", "vision_tokens"])
+def test_loss_with_the_cache_equals_the_loss_without_bit_for_bit(toy_root, tmp_path, qformer):
+    model = tiny() if qformer else tiny(qformer=None)  # without a Q-Former: ln_vision'd vision tokens
     plain, _ = batch_losses(model, toy_root)
     written, cache = batch_losses(model, toy_root, tmp_path)  # first pass: computed, then written
     assert cache.hits == 0 and cache.misses == 3
     read, cache = batch_losses(model, toy_root, tmp_path)  # second pass: every image from disk
     assert cache.hits == 12 and cache.misses == 0
+    entry = torch.load(next((tmp_path / "cc_sbu_align" / "28px").glob("*/*.pt")), weights_only=True)
+    assert entry["features"].shape[0] == (8 if qformer else 5)  # 8 queries; 2x2 patches + CLS
     for a, b, c in zip(plain, written, read, strict=True):
         assert a.item() == b.item() == c.item()  # exact, fp32
     # reused in a later epoch, with other batch mates, an image's features may differ from a
@@ -113,6 +116,14 @@ def test_a_complete_cache_moves_the_towers_off_the_device(toy_root, tmp_path):
     for _ in range(12):  # one epoch: 48 samples
         cache.fill(next(loader))
     assert cache.is_complete(loader.datasets)
+    expected = [model(cache.fill(next(loader)))["loss"].item() for _ in range(2)]
+    assert offload_if_complete(cache, model, loader.datasets, num_processes=1)
+    assert model.vision_device.type == "cpu" and model.ln_vision.weight.device.type == "cpu"
+    resumed = build_train_loader(align_cfg(toy_root), seed=1)
+    resumed.load_state_dict({**loader.state_dict(), "step": 12,
+                             "sources": {"cc_sbu_align": {"epoch": 1, "position": 0}}})
+    resumed.prepare = loader.prepare
+    assert [model(cache.fill(next(resumed)))["loss"].item() for _ in range(2)] == expected
 
 
 def test_training_with_cache_workers_and_prefetch_resumes_exactly(toy_root, tmp_path):
