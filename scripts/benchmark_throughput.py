@@ -233,7 +233,8 @@ def conversation_padding(toy_root: Path, model, steps: int, batch: int = 8) -> d
 
 # --- cheap wins ---------------------------------------------------------------------------------------------
 
-def bench_splice(batch: int = 64, text: int = 100, image_tokens: int = 32, hidden: int = 2560, repeats: int = 5) -> dict:
+def bench_splice(batch: int = 64, text: int = 100, image_tokens: int = 32, hidden: int = 2560,
+                 repeats: int = 5) -> dict:
     """The stage-1 shape: the old per-sample loop vs `splice_images`; same values?"""
     from tinygpt_v.models.tinygpt_v import splice_images
     length = text + image_tokens

@@ -133,7 +133,8 @@ def test_training_with_cache_workers_and_prefetch_resumes_exactly(toy_root, tmp_
     first = tiny_config(toy_root, tmp_path / "resumed", max_steps=3, **fast)
     fit(first)
     fit({**first, "run": {**first["run"], "max_steps": None, "resume": "auto"}})
-    a, b = trainable_weights(tmp_path / "straight/checkpoint_final"), trainable_weights(tmp_path / "resumed/checkpoint_final")
+    a = trainable_weights(tmp_path / "straight/checkpoint_final")
+    b = trainable_weights(tmp_path / "resumed/checkpoint_final")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     # a second run over the warm cache: every image read from disk, the same losses

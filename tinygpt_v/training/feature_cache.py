@@ -183,7 +183,8 @@ class FeatureCache:
         return True
 
     def summary(self) -> str:
-        return f"feature cache {self.folder}: {self.hits} images read, {self.misses} batches computed, {self.stale} stale"
+        return (f"feature cache {self.folder}: {self.hits} images read, {self.misses} batches computed, "
+                f"{self.stale} stale entries")
 
 
 def offload_towers(model) -> None:
