@@ -174,8 +174,8 @@ def _load(pretrained: str | None, config: str | None, precision: str, device: to
     """`pretrained` as evaluation.checkpoint takes it; `config` is needed unless it is an export folder."""
     from omegaconf import OmegaConf
 
-    from ..config import load_config
-    from .loading import load_model
+    from ..config import load_config, resolve_config_path
+    from .loading import load_model  # refuses a `config` whose model section the checkpoint was not trained as
     from .settings import EvalSettings
-    cfg = load_config(config) if config else OmegaConf.create({})
+    cfg = load_config(resolve_config_path(config)) if config else OmegaConf.create({})
     return load_model(cfg, EvalSettings(benchmarks={}, checkpoint=pretrained, precision=precision), device)
