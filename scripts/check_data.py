@@ -55,8 +55,16 @@ def tokenizer_or_none(model: dict, skip: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.getLogger("tinygpt_v.data").setLevel(logging.ERROR)  # the report below says it all, once
+    data_log = logging.getLogger("tinygpt_v.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the report says it all, once; restored for in-process callers
+    try:
+        return check(parse_args(argv))
+    finally:
+        data_log.setLevel(level)
+
+
+def check(args: argparse.Namespace) -> int:
     from tinygpt_v.config import load_config, to_plain
     from tinygpt_v.data import build_dataset
     from tinygpt_v.data.custom import format_reports, preflight

@@ -28,3 +28,13 @@ def tiny_model():
     from tinygpt_v.models import build_model
     torch.manual_seed(0)
     return build_model(tiny_model_section(), verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Code under test may set launcher variables in os.environ (the distributed trainer does, on
+    purpose, for a pipeline's next stage): no test sees another test's environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -53,7 +53,9 @@ def test_fsdp2_takes_accelerates_fsdp_over_and_the_next_stage_still_sees_it(monk
     from tinygpt_v.training.distributed import accelerator_kwargs
     for name, value in ACCELERATE_FSDP2.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("TINYGPT_V_LAUNCHED_FSDP_VERSION", raising=False)
+    # set first so that monkeypatch removes it again: accelerator_kwargs writes it to os.environ
+    monkeypatch.setenv("TINYGPT_V_LAUNCHED_FSDP_VERSION", "")
+    monkeypatch.delenv("TINYGPT_V_LAUNCHED_FSDP_VERSION")
     first = plan_run(run_settings(), None, cuda=True)
     assert first.mode == "fsdp2"
     accelerator_kwargs(first, run_settings())
