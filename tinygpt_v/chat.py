@@ -165,11 +165,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def lacks_model_source(args) -> bool:
+    """True (after one line on stderr) when neither a config nor a checkpoint names the model."""
+    if args.cfg_path or args.checkpoint:
+        return False
+    print("error: give --cfg-path (a config with `model:`) or --checkpoint (an exported folder or a trainer "
+          "checkpoint)", file=sys.stderr)
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.cfg_path and not args.checkpoint:
-        print("error: give --cfg-path (a config with `model:`) or --checkpoint (an exported folder or a trainer "
-              "checkpoint)", file=sys.stderr)
+    if lacks_model_source(args):
         return 2
     from .cli.errors import quiet_harmless_warnings, run_reporting
     quiet_harmless_warnings()

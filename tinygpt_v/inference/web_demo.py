@@ -185,12 +185,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """Start the demo; a failure to start (config, checkpoint, missing gradio) is one line and
     a non-zero exit status, as in the terminal chat."""
-    from ..chat import load_chat_config
+    from ..chat import lacks_model_source, load_chat_config
     from ..cli.errors import quiet_harmless_warnings, run_reporting
     args = parse_args(argv)
-    if not args.cfg_path and not args.checkpoint:
-        print("error: give --cfg-path (a config with `model:`) or --checkpoint (an exported folder or a trainer "
-              "checkpoint)", file=sys.stderr)
+    if lacks_model_source(args):
         return 2
     quiet_harmless_warnings()
     loaded = {}
