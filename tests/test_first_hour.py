@@ -513,3 +513,13 @@ def test_weight_files_are_written_with_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
+
+
+def test_chat_and_web_demo_without_any_model_source_say_so_in_one_line(capsys):
+    from tinygpt_v import chat
+    from tinygpt_v.inference import web_demo
+    for main in (chat.main, web_demo.main):
+        assert main([]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: give --cfg-path (a config with `model:`) or --checkpoint (an exported folder or a "
+                       "trainer checkpoint)"]
