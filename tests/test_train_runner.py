@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_section
+from conftest import REPO
 from conftest_data import toy_root  # noqa: F401  (session fixture: the toy world in a temp folder)
+from conftest_train import fit, restore_torch_threads, tiny_config  # noqa: F401  (the fixture is autouse)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -20,36 +21,6 @@ from tinygpt_v.config import load_config
 from tinygpt_v.registry import ConfigError
 from tinygpt_v.training import latest_checkpoint, list_checkpoints, read_meta
 from tinygpt_v.training.trainer import NonFiniteLossError, Trainer
-
-
-def tiny_config(toy_root: Path, output_dir: Path, batch_size: int = 2, **run) -> dict:
-    """A whole training config: tiny model (28 px, no dropout), toy VQA data, CPU."""
-    return {
-        "model": tiny_model_section(**{"vision.image_size": 28, "lora.dropout": 0.0}),
-        "datasets": {"coco_vqa": {
-            "batch_size": batch_size,
-            "vis_processor": {"name": "blip2_image_train", "image_size": 28},
-            "ann_paths": [f"{toy_root}/vqav2/vqa_train.json"],
-            "image_root": f"{toy_root}/coco"}},
-        "run": {"output_dir": str(output_dir), "lr_sched": "linear_warmup_cosine_lr", "init_lr": 1e-3,
-                "min_lr": 1e-4, "warmup_steps": 2, "warmup_lr": 1e-5, "max_epoch": 1, "iters_per_epoch": 6,
-                "device": "cpu", "cpu_threads": 1, "wandb": False, "tensorboard": False, "log_every": 1, "seed": 7,
-                **run},
-    }
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """The runs here set 1 thread (run.cpu_threads); give the rest of the session its setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def fit(config: dict) -> Trainer:
-    trainer = Trainer(OmegaConf.create(config))
-    trainer.fit()
-    return trainer
 
 
 def losses(output_dir: Path) -> dict[int, float]:
